@@ -1,0 +1,209 @@
+//! One actor per buyer: owns the buyer's pooled keep-alive HTTP client, caps its requests in
+//! flight, and reports every ping and post outcome. Protocol decisions live in `buyers/`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use actix::{Actor, Context, Handler, ResponseFuture};
+use bytes::Bytes;
+use metrics::{counter, gauge, histogram};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+
+use super::messages::{Ping, PingResult, Post, PostResult};
+use crate::buyers::{self, NoBid, PingReply, PostReply, Refusal, ReplyMapping};
+use crate::telemetry;
+
+/// Replies larger than this are treated as a bad body.
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+pub struct BuyerSettings {
+    pub id: String,
+    pub ping_url: Option<String>,
+    pub post_url: String,
+    pub headers: Vec<(String, String)>,
+    pub max_in_flight: usize,
+    pub mapping: ReplyMapping,
+}
+
+pub struct BuyerActor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    ping_url: Option<reqwest::Url>,
+    post_url: reqwest::Url,
+    client: reqwest::Client,
+    mapping: ReplyMapping,
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+}
+
+enum CallError {
+    Timeout,
+    Transport,
+    TooLarge,
+    Overloaded,
+}
+
+impl BuyerActor {
+    pub fn new(settings: BuyerSettings) -> Result<BuyerActor, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in &settings.headers {
+            let name = HeaderName::try_from(name.as_str())
+                .map_err(|e| format!("buyer {}: header {name}: {e}", settings.id))?;
+            let value = HeaderValue::try_from(value.as_str())
+                .map_err(|e| format!("buyer {}: header value: {e}", settings.id))?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(settings.max_in_flight.min(512))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("leadex/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("buyer {}: http client: {e}", settings.id))?;
+        let parse = |u: &str| {
+            reqwest::Url::parse(u).map_err(|e| format!("buyer {}: {u}: {e}", settings.id))
+        };
+        Ok(BuyerActor {
+            inner: Arc::new(Inner {
+                ping_url: settings.ping_url.as_deref().map(parse).transpose()?,
+                post_url: parse(&settings.post_url)?,
+                id: settings.id,
+                client,
+                mapping: settings.mapping,
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: settings.max_in_flight,
+            }),
+        })
+    }
+}
+
+impl Actor for BuyerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Handlers return at once (the call runs as its own future), so a deep mailbox only
+        // absorbs bursts; the real bound is `max_in_flight`.
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Inner {
+    /// Sends one request, bounded by `deadline` and by the buyer's in-flight cap.
+    async fn call(
+        &self,
+        url: &reqwest::Url,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<(u16, Bytes), CallError> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(CallError::Overloaded);
+        }
+        gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => self.id.clone()).increment(1.0);
+        let request = async {
+            let mut response = self
+                .client
+                .post(url.clone())
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        CallError::Timeout
+                    } else {
+                        CallError::Transport
+                    }
+                })?;
+            let status = response.status().as_u16();
+            let mut reply = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(|_| CallError::Transport)? {
+                if reply.len() + chunk.len() > MAX_REPLY_BYTES {
+                    return Err(CallError::TooLarge);
+                }
+                reply.extend_from_slice(&chunk);
+            }
+            Ok((status, Bytes::from(reply)))
+        };
+        let result = match tokio::time::timeout_at(deadline, request).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout),
+        };
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => self.id.clone()).decrement(1.0);
+        result
+    }
+}
+
+impl Handler<Ping> for BuyerActor {
+    type Result = ResponseFuture<PingResult>;
+
+    fn handle(&mut self, msg: Ping, _: &mut Context<Self>) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let reply = match &inner.ping_url {
+                None => PingReply::NoBid(NoBid::Declined),
+                Some(url) => match inner.call(url, msg.body, msg.deadline).await {
+                    Ok((status, body)) => buyers::parse_ping_reply(status, &body, &inner.mapping),
+                    Err(CallError::Timeout) => PingReply::NoBid(NoBid::Timeout),
+                    Err(CallError::Transport) => PingReply::NoBid(NoBid::Transport),
+                    Err(CallError::TooLarge) => PingReply::NoBid(NoBid::BadBody),
+                    Err(CallError::Overloaded) => PingReply::NoBid(NoBid::Overloaded),
+                },
+            };
+            let answered_at = Instant::now();
+            let latency = answered_at - started;
+            let outcome = match &reply {
+                PingReply::Bid { .. } => "bid",
+                PingReply::NoBid(why) => why.as_str(),
+            };
+            counter!(telemetry::BUYER_PINGS_TOTAL, "buyer" => inner.id.clone(), "outcome" => outcome).increment(1);
+            histogram!(telemetry::BUYER_PING_DURATION, "buyer" => inner.id.clone())
+                .record(latency.as_secs_f64());
+            PingResult {
+                reply,
+                latency,
+                answered_at,
+            }
+        })
+    }
+}
+
+impl Handler<Post> for BuyerActor {
+    type Result = ResponseFuture<PostResult>;
+
+    fn handle(&mut self, msg: Post, _: &mut Context<Self>) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let reply = match inner.call(&inner.post_url, msg.body, msg.deadline).await {
+                Ok((status, body)) => buyers::parse_post_reply(status, &body, &inner.mapping),
+                Err(CallError::Timeout) => PostReply::Refused(Refusal::Timeout, None),
+                Err(CallError::Transport) => PostReply::Refused(Refusal::Transport, None),
+                Err(CallError::TooLarge) => PostReply::Refused(Refusal::BadBody, None),
+                Err(CallError::Overloaded) => PostReply::Refused(Refusal::Overloaded, None),
+            };
+            let latency = started.elapsed();
+            let outcome = match &reply {
+                PostReply::Accepted => {
+                    counter!(telemetry::BUYER_POST_VALUE, "buyer" => inner.id.clone())
+                        .increment(msg.price_cents.max(0) as u64);
+                    "accepted"
+                }
+                PostReply::Refused(why, _) => why.as_str(),
+            };
+            counter!(telemetry::BUYER_POSTS_TOTAL, "buyer" => inner.id.clone(), "outcome" => outcome).increment(1);
+            histogram!(telemetry::BUYER_POST_DURATION, "buyer" => inner.id.clone())
+                .record(latency.as_secs_f64());
+            PostResult { reply, latency }
+        })
+    }
+}

@@ -1,0 +1,9 @@
+//! The actors: one per campaign (runs auctions), one per buyer (talks HTTP to the buyer).
+
+pub mod buyer;
+pub mod campaign;
+pub mod messages;
+
+pub use buyer::{BuyerActor, BuyerSettings};
+pub use campaign::{CampaignActor, CampaignBuyer, CampaignSettings};
+pub use messages::{AuctionError, RunAuction};

@@ -1,0 +1,393 @@
+//! A lead as the exchange trusts it: parsed once at the edge into newtypes, with every field
+//! the supplier sent kept (normalised where the exchange knows the field) for buyers.
+
+use indexmap::IndexMap;
+use serde_json::Value;
+
+/// The fields of a lead as they came, in their order. Values stay JSON values because unknown
+/// fields (`homeowner`, `creditScore`, ...) are passed on to buyers exactly as sent.
+pub type FieldMap = IndexMap<String, Value>;
+
+pub const SELLER: &str = "seller";
+pub const CATEGORY: &str = "category";
+pub const FIRST_NAME: &str = "firstName";
+pub const LAST_NAME: &str = "lastName";
+pub const PHONE: &str = "phone";
+pub const STATE: &str = "state";
+pub const EMAIL: &str = "email";
+pub const ZIP: &str = "zip";
+
+/// Always required, whatever the campaign, in the supplier document's order.
+pub const ALWAYS_REQUIRED: [&str; 6] = [SELLER, CATEGORY, FIRST_NAME, LAST_NAME, PHONE, STATE];
+
+/// Never sent in a ping (CONTRACT §3); a campaign may add more.
+pub const PERSONAL_FIELDS: [&str; 5] = [FIRST_NAME, LAST_NAME, EMAIL, PHONE, "address"];
+
+/// US states, DC and the inhabited territories.
+const US_STATES: [&str; 56] = [
+    "AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "FL", "GA", "HI", "ID", "IL", "IN", "IA", "KS",
+    "KY", "LA", "ME", "MD", "MA", "MI", "MN", "MS", "MO", "MT", "NE", "NV", "NH", "NJ", "NM", "NY",
+    "NC", "ND", "OH", "OK", "OR", "PA", "RI", "SC", "SD", "TN", "TX", "UT", "VT", "VA", "WA", "WV",
+    "WI", "WY", "DC", "PR", "VI", "GU", "AS", "MP",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UsState(String);
+
+impl UsState {
+    pub fn parse(text: &str) -> Option<UsState> {
+        let upper = text.trim().to_ascii_uppercase();
+        US_STATES
+            .contains(&upper.as_str())
+            .then_some(UsState(upper))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A dialable US number: exactly ten digits once punctuation and a leading country code 1
+/// are dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Phone(String);
+
+impl Phone {
+    pub fn parse(text: &str) -> Option<Phone> {
+        let mut digits = String::with_capacity(11);
+        for c in text.trim().chars() {
+            match c {
+                '0'..='9' => digits.push(c),
+                ' ' | '-' | '.' | '(' | ')' | '+' | '/' => {}
+                _ => return None,
+            }
+        }
+        if digits.len() == 11 && digits.starts_with('1') {
+            digits.remove(0);
+        }
+        (digits.len() == 10).then_some(Phone(digits))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An email address trimmed, lower-cased and checked for shape (local@domain.tld).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(text: &str) -> Option<Email> {
+        let email = text.trim().to_lowercase();
+        if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return None;
+        }
+        let (local, domain) = email.split_once('@')?;
+        if local.is_empty() || local.len() > 64 || domain.contains('@') {
+            return None;
+        }
+        if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+            return None;
+        }
+        let labels: Vec<&str> = domain.split('.').collect();
+        if labels.len() < 2 {
+            return None;
+        }
+        let label_ok = |l: &&str| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        };
+        if !labels.iter().all(label_ok) {
+            return None;
+        }
+        let tld = labels.last()?;
+        if tld.len() < 2 || tld.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        Some(Email(email))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A US ZIP code: five digits, or ZIP+4 written `12345-6789` (nine bare digits are
+/// normalised to that form).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Zip(String);
+
+impl Zip {
+    pub fn parse(text: &str) -> Option<Zip> {
+        let text = text.trim();
+        let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+        match text.len() {
+            5 if all_digits(text) => Some(Zip(text.to_owned())),
+            9 if all_digits(text) => Some(Zip(format!("{}-{}", &text[..5], &text[5..]))),
+            10 => {
+                let (five, rest) = text.split_at(5);
+                let four = rest.strip_prefix('-')?;
+                (all_digits(five) && all_digits(four)).then(|| Zip(text.to_owned()))
+            }
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The five-digit part, for prefix filters.
+    pub fn five(&self) -> &str {
+        &self.0[..5]
+    }
+}
+
+/// What is wrong with a submission: every missing and every invalid field, in the order the
+/// supplier would read them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldErrors {
+    pub missing: Vec<String>,
+    pub invalid: Vec<String>,
+}
+
+impl FieldErrors {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.invalid.is_empty()
+    }
+    /// Every named field, missing ones first.
+    pub fn all_fields(&self) -> Vec<String> {
+        self.missing
+            .iter()
+            .chain(self.invalid.iter())
+            .cloned()
+            .collect()
+    }
+}
+
+/// A field value that cannot be read as text (object, array, boolean).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotText;
+
+/// A field's value as text: strings trimmed, numbers written out; `None` when blank or null.
+pub fn text_value(value: Option<&Value>) -> Result<Option<String>, NotText> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let t = s.trim();
+            Ok((!t.is_empty()).then(|| t.to_owned()))
+        }
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(NotText),
+    }
+}
+
+/// A validated lead. Past this type nothing re-checks the known fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lead {
+    pub seller: String,
+    pub category: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub phone: Phone,
+    pub state: UsState,
+    pub email: Option<Email>,
+    pub zip: Option<Zip>,
+    /// All fields, known ones replaced by their normalised value.
+    pub fields: FieldMap,
+}
+
+impl Lead {
+    /// Checks the always-required fields, the campaign's `extra_required` ones and the shape
+    /// of every known field present, and names every problem at once.
+    pub fn parse(mut fields: FieldMap, extra_required: &[String]) -> Result<Lead, FieldErrors> {
+        let mut errors = FieldErrors::default();
+        let mut required: Vec<&str> = ALWAYS_REQUIRED.to_vec();
+        for extra in extra_required {
+            if !required.contains(&extra.as_str()) {
+                required.push(extra.as_str());
+            }
+        }
+        let mut texts: IndexMap<&str, String> = IndexMap::new();
+        for name in &required {
+            match text_value(fields.get(*name)) {
+                Ok(Some(text)) => {
+                    texts.insert(name, text);
+                }
+                Ok(None) => errors.missing.push((*name).to_owned()),
+                Err(NotText) => errors.invalid.push((*name).to_owned()),
+            }
+        }
+        for optional in [EMAIL, ZIP] {
+            if texts.contains_key(optional) || required.contains(&optional) {
+                continue;
+            }
+            match text_value(fields.get(optional)) {
+                Ok(Some(text)) => {
+                    texts.insert(optional, text);
+                }
+                Ok(None) => {}
+                Err(NotText) => errors.invalid.push(optional.to_owned()),
+            }
+        }
+
+        let invalid = |name: &str, errors: &mut FieldErrors| {
+            if !errors.invalid.iter().any(|n| n == name) {
+                errors.invalid.push(name.to_owned());
+            }
+        };
+        let phone = texts.get(PHONE).and_then(|t| {
+            let parsed = Phone::parse(t);
+            if parsed.is_none() {
+                invalid(PHONE, &mut errors);
+            }
+            parsed
+        });
+        let state = texts.get(STATE).and_then(|t| {
+            let parsed = UsState::parse(t);
+            if parsed.is_none() {
+                invalid(STATE, &mut errors);
+            }
+            parsed
+        });
+        let email = texts.get(EMAIL).and_then(|t| {
+            let parsed = Email::parse(t);
+            if parsed.is_none() {
+                invalid(EMAIL, &mut errors);
+            }
+            parsed
+        });
+        let zip = texts.get(ZIP).and_then(|t| {
+            let parsed = Zip::parse(t);
+            if parsed.is_none() {
+                invalid(ZIP, &mut errors);
+            }
+            parsed
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let (Some(phone), Some(state)) = (phone, state) else {
+            unreachable!("required fields were checked above");
+        };
+        let text = |name: &str| texts.get(name).cloned().unwrap_or_default();
+        let (seller, category) = (text(SELLER), text(CATEGORY));
+        let (first_name, last_name) = (text(FIRST_NAME), text(LAST_NAME));
+
+        for (name, value) in [
+            (FIRST_NAME, first_name.clone()),
+            (LAST_NAME, last_name.clone()),
+            (PHONE, phone.as_str().to_owned()),
+            (STATE, state.as_str().to_owned()),
+        ] {
+            fields.insert(name.to_owned(), Value::String(value));
+        }
+        if let Some(email) = &email {
+            fields.insert(EMAIL.to_owned(), Value::String(email.as_str().to_owned()));
+        }
+        if let Some(zip) = &zip {
+            fields.insert(ZIP.to_owned(), Value::String(zip.as_str().to_owned()));
+        }
+        Ok(Lead {
+            seller,
+            category,
+            first_name,
+            last_name,
+            phone,
+            state,
+            email,
+            zip,
+            fields,
+        })
+    }
+
+    /// The lead as a buyer sees it in a ping: every field but the personal ones.
+    pub fn without_personal(&self, extra_personal: &[String]) -> FieldMap {
+        self.fields
+            .iter()
+            .filter(|(name, _)| {
+                !PERSONAL_FIELDS.contains(&name.as_str())
+                    && !extra_personal.iter().any(|p| p == *name)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(value: Value) -> FieldMap {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn sample() -> Value {
+        json!({"seller": "ACME1234", "category": "Auto Insurance", "firstName": " John ",
+               "lastName": "Doe", "phone": "1 (555) 123-4567", "state": "tx",
+               "email": " John.Doe@Email.COM ", "homeowner": "yes", "creditScore": 710})
+    }
+
+    #[test]
+    fn normalises_known_fields_and_keeps_unknown_ones() {
+        let lead = Lead::parse(fields(sample()), &[]).unwrap();
+        assert_eq!(lead.phone.as_str(), "5551234567");
+        assert_eq!(lead.state.as_str(), "TX");
+        assert_eq!(lead.email.as_ref().unwrap().as_str(), "john.doe@email.com");
+        assert_eq!(lead.fields["firstName"], json!("John"));
+        assert_eq!(lead.fields["creditScore"], json!(710));
+        assert_eq!(lead.fields["homeowner"], json!("yes"));
+    }
+
+    #[test]
+    fn names_every_missing_and_invalid_field() {
+        let err = Lead::parse(
+            fields(
+                json!({"seller": "ACME1234", "firstName": "", "phone": "555-1234",
+                          "state": "XX", "email": "nope"}),
+            ),
+            &["zip".to_owned()],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.missing,
+            vec!["category", "firstName", "lastName", "zip"]
+        );
+        assert_eq!(err.invalid, vec!["phone", "state", "email"]);
+    }
+
+    #[test]
+    fn pings_carry_no_personal_field() {
+        let lead = Lead::parse(fields(sample()), &[]).unwrap();
+        let ping = lead.without_personal(&["homeowner".to_owned()]);
+        for name in ["firstName", "lastName", "email", "phone", "homeowner"] {
+            assert!(!ping.contains_key(name), "{name}");
+        }
+        assert!(ping.contains_key("state") && ping.contains_key("creditScore"));
+    }
+
+    #[test]
+    fn phone_rules() {
+        assert_eq!(Phone::parse("555.123.4567").unwrap().as_str(), "5551234567");
+        assert_eq!(
+            Phone::parse("+1 555 123 4567").unwrap().as_str(),
+            "5551234567"
+        );
+        assert!(Phone::parse("25551234567").is_none());
+        assert!(Phone::parse("555-123-456a").is_none());
+        assert!(Phone::parse("555-1234").is_none());
+    }
+
+    #[test]
+    fn zip_and_email_rules() {
+        assert_eq!(Zip::parse("75001").unwrap().as_str(), "75001");
+        assert_eq!(Zip::parse("750011234").unwrap().as_str(), "75001-1234");
+        assert_eq!(Zip::parse("75001-1234").unwrap().five(), "75001");
+        assert!(Zip::parse("7500").is_none() && Zip::parse("75001 1234").is_none());
+        assert!(Email::parse("a@b.co").is_some());
+        for bad in [
+            "a@b", "@b.co", "a b@c.co", "a@@b.co", "a@b..co", "a@.b.co", "a@b.c",
+        ] {
+            assert!(Email::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! `POST /api/leads` and `GET /api/leads/{lead_id}`, with the contract's order of checks:
+//! authentication -> rate limit -> body -> seller and campaign -> fields -> auction.
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures::StreamExt;
+use metrics::counter;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState, MAX_BODY_BYTES, dto};
+use crate::actors::{AuctionError, RunAuction};
+use crate::domain::lead::{CATEGORY, SELLER, text_value};
+use crate::domain::{FieldMap, Lead};
+use crate::ratelimit::Decision;
+use crate::telemetry;
+
+/// Who is calling: the supplier behind a valid key, and the key's rate-limit decision.
+struct Caller {
+    supplier: usize,
+    decision: Decision,
+}
+
+fn bearer_key(req: &HttpRequest) -> Option<&str> {
+    let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+fn client_address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Authentication, then the key's rate limit. Failed authentication is itself limited per
+/// client address; an address over that limit is refused before its key is even looked at,
+/// so a correct guess cannot be told apart.
+async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Caller, ApiError> {
+    let address_key = format!("authfail:{}", client_address(req));
+    let failures = state
+        .limiter
+        .peek(&address_key, state.auth_failure_limit)
+        .await;
+    if !failures.allowed {
+        counter!(telemetry::RATE_LIMITED_TOTAL).increment(1);
+        return Err(ApiError::RateLimited {
+            retry_after_secs: failures.retry_after_secs(),
+        });
+    }
+    let hash: [u8; 32] = match bearer_key(req) {
+        Some(key) => Sha256::digest(key.as_bytes()).into(),
+        None => [0; 32],
+    };
+    let Some(&supplier) = state.keys.get(&hash) else {
+        state
+            .limiter
+            .acquire(&address_key, state.auth_failure_limit)
+            .await;
+        counter!(telemetry::AUTH_FAILURES_TOTAL).increment(1);
+        return Err(ApiError::InvalidApiKey);
+    };
+    let started = std::time::Instant::now();
+    let decision = state
+        .limiter
+        .acquire(
+            &format!("key:{}", hex::encode(&hash[..16])),
+            state.suppliers[supplier].limit,
+        )
+        .await;
+    metrics::histogram!(telemetry::RATE_LIMIT_CHECK_DURATION)
+        .record(started.elapsed().as_secs_f64());
+    Ok(Caller { supplier, decision })
+}
+
+fn add_rate_headers(response: &mut HttpResponse, decision: &Decision) {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit", decision.limit.to_string()),
+        ("x-ratelimit-remaining", decision.remaining.to_string()),
+        ("x-ratelimit-reset", decision.reset_secs().to_string()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(
+                actix_web::http::header::HeaderName::from_static(name),
+                value,
+            );
+        }
+    }
+}
+
+/// Runs `inner` for an authenticated caller and puts the rate-limit headers on whatever it
+/// answers, errors included.
+async fn with_caller<F, Fut>(state: &AppState, req: &HttpRequest, inner: F) -> HttpResponse
+where
+    F: FnOnce(Caller) -> Fut,
+    Fut: std::future::Future<Output = Result<HttpResponse, ApiError>>,
+{
+    let caller = match authenticate(state, req).await {
+        Ok(caller) => caller,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let decision = caller.decision;
+    let mut response = if decision.allowed {
+        inner(caller)
+            .await
+            .unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    } else {
+        counter!(telemetry::RATE_LIMITED_TOTAL).increment(1);
+        actix_web::ResponseError::error_response(&ApiError::RateLimited {
+            retry_after_secs: decision.retry_after_secs(),
+        })
+    };
+    add_rate_headers(&mut response, &decision);
+    response
+}
+
+fn ok_json(body: String) -> HttpResponse {
+    HttpResponse::build(StatusCode::OK)
+        .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))
+        .body(body)
+}
+
+/// Reads the body, refusing it as soon as it passes the limit (the rest is not buffered).
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<web::BytesMut, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY_BYTES));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::InvalidBody(format!("The request body could not be read: {e}"))
+        })?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn pairs_into(fields: &mut FieldMap, pairs: Vec<(String, String)>) {
+    for (name, value) in pairs {
+        fields.insert(name, Value::String(value));
+    }
+}
+
+/// Fields from the query string, then the body on top (the body wins on conflicts).
+fn parse_fields(req: &HttpRequest, body: &[u8]) -> Result<FieldMap, ApiError> {
+    let mut fields = FieldMap::new();
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+        .map_err(|_| ApiError::InvalidBody("The query string is not valid URL encoding".into()))?;
+    pairs_into(&mut fields, query);
+
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let is_blank = body.iter().all(u8::is_ascii_whitespace);
+    match content_type.as_deref() {
+        _ if is_blank => {}
+        Some("application/x-www-form-urlencoded") => {
+            let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|_| {
+                ApiError::InvalidBody("The form body is not valid URL encoding".into())
+            })?;
+            pairs_into(&mut fields, form);
+        }
+        None => merge_json(&mut fields, body)?,
+        Some(t)
+            if t == "application/json"
+                || (t.starts_with("application/") && t.ends_with("+json")) =>
+        {
+            merge_json(&mut fields, body)?
+        }
+        Some(other) => {
+            return Err(ApiError::InvalidBody(format!(
+                "Content-Type {other} is not supported; send application/json or application/x-www-form-urlencoded"
+            )));
+        }
+    }
+    Ok(fields)
+}
+
+fn merge_json(fields: &mut FieldMap, body: &[u8]) -> Result<(), ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidBody(format!("The body is not valid JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return Err(ApiError::InvalidBody(
+            "The body must be a JSON object".into(),
+        ));
+    };
+    for (name, value) in object {
+        fields.insert(name, value);
+    }
+    Ok(())
+}
+
+/// Seller by code (case-insensitive) or slug.
+fn resolve_seller<'a>(state: &'a AppState, given: &str) -> Option<&'a String> {
+    state
+        .sellers_by_code
+        .get(&given.to_ascii_uppercase())
+        .or_else(|| state.sellers_by_slug.get(&given.to_ascii_lowercase()))
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::InvalidBody("Idempotency-Key must be visible ASCII".into()))?
+        .trim();
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if key.len() > 255 {
+        return Err(ApiError::InvalidBody(
+            "Idempotency-Key is longer than 255 characters".into(),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+pub async fn submit(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    with_caller(&state, &req, |caller| {
+        submit_lead(&state, &req, payload, caller)
+    })
+    .await
+}
+
+async fn submit_lead(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let supplier = &state.suppliers[caller.supplier];
+    let idempotency = idempotency_key(req)?;
+    // One request per (supplier, key) at a time: a concurrent repeat waits, then replays.
+    let _claim = match &idempotency {
+        Some(key) => {
+            let lock_key = format!("{}\u{1f}{key}", supplier.id);
+            let lock = state
+                .idempotency_locks
+                .lock()
+                .expect("idempotency locks")
+                .entry(lock_key.clone())
+                .or_default()
+                .clone();
+            let guard = lock.clone().lock_owned().await;
+            let stored = state
+                .store
+                .get_idempotent(&supplier.id, key, crate::clock::now_ms())
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()));
+            let stored = match stored {
+                Ok(stored) => stored,
+                Err(e) => {
+                    release_claim(state, &lock_key, guard);
+                    return Err(e);
+                }
+            };
+            if let Some(answer) = stored {
+                release_claim(state, &lock_key, guard);
+                counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+                return Ok(ok_json(answer.body));
+            }
+            Some(Claim {
+                state,
+                key: lock_key,
+                guard: Some(guard),
+            })
+        }
+        None => None,
+    };
+
+    let body = read_body(req, payload).await?;
+    let fields = parse_fields(req, &body)?;
+
+    let seller = text_value(fields.get(SELLER)).ok().flatten();
+    let category = text_value(fields.get(CATEGORY)).ok().flatten();
+    let (Some(seller), Some(category)) = (seller, category) else {
+        // Without seller or category there is no campaign: name every problem we can see.
+        let errors = Lead::parse(fields, &[]).expect_err("seller or category is missing");
+        return Err(field_error(errors));
+    };
+    let seller_code = match resolve_seller(state, &seller) {
+        Some(code) if supplier.sellers.contains(code) => code.clone(),
+        _ => {
+            counter!(telemetry::AUTH_FAILURES_TOTAL).increment(1);
+            return Err(ApiError::InvalidApiKey);
+        }
+    };
+    let Some(campaign) = state.campaigns.get(&(seller_code, category.to_lowercase())) else {
+        return Err(ApiError::NoMatchingCampaign);
+    };
+    let lead = Lead::parse(fields, &campaign.required_fields).map_err(field_error)?;
+
+    let Ok(_slot) = state.auctions.clone().try_acquire_owned() else {
+        counter!(telemetry::OVERLOAD_REFUSALS_TOTAL).increment(1);
+        return Err(ApiError::Overloaded {
+            retry_after_secs: 1,
+        });
+    };
+    let lead_id = state.new_lead_id();
+    tracing::info!(lead_id = %lead_id, campaign = %campaign.id, supplier = %supplier.id, "lead accepted");
+    let outcome = campaign
+        .addr
+        .send(RunAuction {
+            lead_id,
+            supplier_id: supplier.id.clone(),
+            created_at_ms: crate::clock::now_ms(),
+            lead: Arc::new(lead),
+            idempotency_key: idempotency,
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("campaign {}: {e}", campaign.id)))?;
+    match outcome {
+        Ok(record) => Ok(ok_json(dto::lead_answer(&record))),
+        Err(AuctionError::Storage(e)) => Err(ApiError::StorageUnavailable(format!(
+            "campaign {}: {e}",
+            campaign.id
+        ))),
+        Err(e) => Err(ApiError::Internal(format!("campaign {}: {e}", campaign.id))),
+    }
+}
+
+/// Holds an Idempotency-Key for the length of one request, and frees its lock entry after.
+struct Claim<'a> {
+    state: &'a AppState,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            release_claim(self.state, &self.key, guard);
+        }
+    }
+}
+
+fn release_claim(state: &AppState, key: &str, guard: tokio::sync::OwnedMutexGuard<()>) {
+    let mut locks = state.idempotency_locks.lock().expect("idempotency locks");
+    drop(guard);
+    // Only the map holds it now: nobody else is waiting on this key.
+    if locks
+        .get(key)
+        .is_some_and(|lock| Arc::strong_count(lock) == 1)
+    {
+        locks.remove(key);
+    }
+}
+
+fn field_error(errors: crate::domain::FieldErrors) -> ApiError {
+    if errors.missing.is_empty() {
+        ApiError::InvalidFields(errors.invalid)
+    } else {
+        ApiError::MissingFields {
+            missing: errors.missing,
+            invalid: errors.invalid,
+        }
+    }
+}
+
+pub async fn status(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let lead_id = path.into_inner();
+    let shared = state.clone();
+    with_caller(&state, &req, move |caller| async move {
+        let state = shared;
+        let record = state
+            .store
+            .get_lead(&lead_id)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match record {
+            Some(record) if record.supplier_id == state.suppliers[caller.supplier].id => {
+                Ok(ok_json(dto::status_answer(&record)))
+            }
+            _ => Err(ApiError::NotFound),
+        }
+    })
+    .await
+}

@@ -1,0 +1,14 @@
+//! leadex: a real-time ping-post lead exchange.
+
+pub mod actors;
+pub mod buyers;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod http;
+pub mod ratelimit;
+pub mod sim;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;

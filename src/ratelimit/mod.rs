@@ -1,0 +1,47 @@
+//! Rate limiting: the pure window math, and the limiter backends behind one trait so the
+//! HTTP layer never knows which one runs.
+
+pub mod memory;
+pub mod window;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use memory::MemoryLimiter;
+pub use window::{Decision, Limit};
+
+#[async_trait]
+pub trait RateLimiter: Send + Sync + 'static {
+    /// Decides a request and counts it when allowed.
+    async fn acquire(&self, key: &str, limit: Limit) -> Decision;
+    /// Decides without counting (used before verifying a key, for failed-auth limiting).
+    async fn peek(&self, key: &str, limit: Limit) -> Decision;
+    /// `memory` or the shared backend's name, for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+    /// `Err` with why when the limiter runs degraded (its shared backend is unreachable).
+    async fn healthy(&self) -> Result<(), String>;
+}
+
+/// Wall-clock milliseconds that advance with tokio's clock, so tests can pause and advance
+/// time while the values stay real Unix times for the headers.
+#[derive(Clone)]
+pub struct Clock {
+    anchor_ms: i64,
+    anchor: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn tokio() -> Clock {
+        Clock {
+            anchor_ms: crate::clock::now_ms(),
+            anchor: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.anchor_ms + self.anchor.elapsed().as_millis() as i64
+    }
+}
+
+pub type SharedLimiter = Arc<dyn RateLimiter>;

@@ -1,0 +1,139 @@
+//! Durable storage of leads, their outcomes and auction logs, behind one trait so the
+//! embedded single-node store and a cluster store are interchangeable. A write returns only
+//! once it is durable.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::FieldMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage backend: {0}")]
+    Backend(String),
+    #[error("storage is closed")]
+    Closed,
+    #[error("stored record is unreadable: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeadStatus {
+    Sold,
+    Pending,
+    /// A pending lead whose retry period ended without a sale.
+    Unsold,
+}
+
+impl LeadStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeadStatus::Sold => "sold",
+            LeadStatus::Pending => "pending",
+            LeadStatus::Unsold => "unsold",
+        }
+    }
+}
+
+/// One line of a lead's auction log: what each buyer was asked, answered and paid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuctionEvent {
+    Ping {
+        buyer: String,
+        /// `bid` or the reason there was none (a `PING_OUTCOMES` word).
+        outcome: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bid_cents: Option<i64>,
+        latency_us: u64,
+    },
+    /// A direct-post buyer's fixed price entering the auction.
+    Direct { buyer: String, bid_cents: i64 },
+    /// A bid that did not count: `under_campaign_floor`, `under_buyer_floor`, `zero_bid`.
+    Dropped {
+        buyer: String,
+        bid_cents: i64,
+        reason: String,
+    },
+    Post {
+        buyer: String,
+        price_cents: i64,
+        /// `accepted` or why not (a `POST_OUTCOMES` word).
+        outcome: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        latency_us: u64,
+    },
+}
+
+/// A lead as stored: who sent it, the fields as sent (normalised), and what happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeadRecord {
+    pub lead_id: String,
+    pub supplier_id: String,
+    pub seller: String,
+    pub campaign_id: String,
+    pub created_at_ms: i64,
+    pub status: LeadStatus,
+    pub price_cents: i64,
+    pub buyer_ids: Vec<String>,
+    pub fields: FieldMap,
+    pub auction_log: Vec<AuctionEvent>,
+}
+
+/// The answer given for an `Idempotency-Key`, kept so a repeat gets it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotentAnswer {
+    pub lead_id: String,
+    /// The JSON body that was answered.
+    pub body: String,
+    pub created_at_ms: i64,
+}
+
+/// How long idempotency answers are kept.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+
+#[async_trait]
+pub trait LeadStore: Send + Sync + 'static {
+    /// Stores a new lead with its outcome and auction log, and the idempotency answer when the
+    /// supplier sent a key; returns once all of it is durable.
+    async fn insert_lead(
+        &self,
+        record: LeadRecord,
+        idempotency: Option<(String, IdempotentAnswer)>,
+    ) -> Result<(), StorageError>;
+
+    async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError>;
+
+    /// The answer stored for this supplier's key, if younger than 24 h.
+    async fn get_idempotent(
+        &self,
+        supplier_id: &str,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<Option<IdempotentAnswer>, StorageError>;
+
+    /// A supplier's leads of one UTC day (`day` = days since 1970-01-01), oldest first, after
+    /// `after` (a lead id) when paging; at most `limit`.
+    async fn leads_of_supplier_day(
+        &self,
+        supplier_id: &str,
+        day: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError>;
+
+    /// Cheap check that the store answers, for `/readyz`.
+    async fn ping(&self) -> Result<(), StorageError>;
+
+    /// Makes everything written so far durable and stops accepting writes.
+    async fn close(&self) -> Result<(), StorageError>;
+}
+
+/// Days since the Unix epoch of a millisecond timestamp (UTC).
+pub fn day_of(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
+}
