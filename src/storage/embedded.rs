@@ -34,7 +34,8 @@ enum Job {
 }
 
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    /// `None` once closed, so the file lock is released for the next opener.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
     writer: std::sync::Mutex<Option<std_mpsc::Sender<Job>>>,
 }
 
@@ -69,10 +70,17 @@ impl EmbeddedStore {
         let max = group_commit_max.max(1);
         std::thread::Builder::new()
             .name("leadex-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &rx, max))
+            .spawn(move || {
+                let closing = writer_loop(&writer_db, &rx, max);
+                // Release the database before telling `close` it is done.
+                drop(writer_db);
+                if let Some(done) = closing {
+                    let _ = done.send(());
+                }
+            })
             .map_err(backend)?;
         let store = EmbeddedStore {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             writer: std::sync::Mutex::new(Some(tx)),
         };
         store.sweep_idempotency(crate::clock::now_ms())?;
@@ -81,7 +89,7 @@ impl EmbeddedStore {
 
     /// Drops idempotency answers older than 24 h so the table stays bounded.
     fn sweep_idempotency(&self, now_ms: i64) -> Result<usize, StorageError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+        let txn = self.db()?.begin_write().map_err(backend)?;
         let removed;
         {
             let mut table = txn.open_table(IDEMPOTENCY).map_err(backend)?;
@@ -99,6 +107,10 @@ impl EmbeddedStore {
         Ok(removed as usize)
     }
 
+    fn db(&self) -> Result<Arc<Database>, StorageError> {
+        self.db.read().expect("db lock").clone().ok_or(StorageError::Closed)
+    }
+
     fn sender(&self) -> Result<std_mpsc::Sender<Job>, StorageError> {
         self.writer
             .lock()
@@ -109,14 +121,15 @@ impl EmbeddedStore {
     }
 }
 
-fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Job>, max: usize) {
+/// Commits queued writes in batches until closed; returns the closer's waiter.
+fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Job>, max: usize) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
     let mut closing = None;
     while closing.is_none() {
         match rx.recv() {
             Ok(Job::Write(job)) => batch.push(job),
             Ok(Job::Close(done)) => closing = Some(done),
-            Err(_) => return,
+            Err(_) => return None,
         }
         while batch.len() < max && closing.is_none() {
             match rx.try_recv() {
@@ -146,9 +159,7 @@ fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Job>, max: usize) {
             let _ = job.done.send(answer);
         }
     }
-    if let Some(done) = closing {
-        let _ = done.send(());
-    }
+    closing
 }
 
 fn commit_batch(db: &Database, batch: &[Box<WriteJob>]) -> Result<(), StorageError> {
@@ -195,7 +206,7 @@ impl LeadStore for EmbeddedStore {
     }
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db()?.begin_read().map_err(backend)?;
         let table = txn.open_table(LEADS).map_err(backend)?;
         match table.get(lead_id).map_err(backend)? {
             Some(bytes) => serde_json::from_slice(bytes.value())
@@ -211,7 +222,7 @@ impl LeadStore for EmbeddedStore {
         key: &str,
         now_ms: i64,
     ) -> Result<Option<IdempotentAnswer>, StorageError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db()?.begin_read().map_err(backend)?;
         let table = txn.open_table(IDEMPOTENCY).map_err(backend)?;
         let Some(bytes) = table
             .get(idem_key(supplier_id, key).as_str())
@@ -231,7 +242,7 @@ impl LeadStore for EmbeddedStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db()?.begin_read().map_err(backend)?;
         let index = txn.open_table(SUPPLIER_DAY).map_err(backend)?;
         let leads = txn.open_table(LEADS).map_err(backend)?;
         let prefix = day_key(supplier_id, day, "");
@@ -262,7 +273,7 @@ impl LeadStore for EmbeddedStore {
 
     async fn ping(&self) -> Result<(), StorageError> {
         self.sender()?;
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db()?.begin_read().map_err(backend)?;
         txn.open_table(LEADS).map_err(backend)?;
         Ok(())
     }
@@ -275,6 +286,7 @@ impl LeadStore for EmbeddedStore {
         if sender.send(Job::Close(done)).is_ok() {
             let _ = wait.await;
         }
+        self.db.write().expect("db lock").take();
         Ok(())
     }
 }

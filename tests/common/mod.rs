@@ -1,0 +1,219 @@
+//! Shared test harness: the real app on 127.0.0.1:0 with a fresh data folder, simulated
+//! buyers on real sockets, and a client that speaks the supplier API.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use leadex::config::Config;
+use leadex::domain::Price;
+use leadex::sim::{Behaviour, BidSpec, BuyerSim};
+use leadex::startup::{Application, hash_key};
+use serde_json::{Value, json};
+
+/// Key of supplier `sup-1` (granted ACME1234 and SOLR0001).
+pub const KEY: &str = "test-key-supplier-one";
+/// Key of supplier `sup-2` (granted OTHR0001 only).
+pub const OTHER_KEY: &str = "test-key-supplier-two";
+
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub handle: ServerHandle,
+    pub data: PathBuf,
+    running: Option<actix_rt::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// A fresh temporary data folder kept for the test's life (removed by the OS tmp cleaner;
+/// tests that restart reuse it).
+pub fn data_dir() -> PathBuf {
+    let dir = tempfile::Builder::new().prefix("leadex-test-").tempdir().expect("tempdir");
+    dir.keep()
+}
+
+/// A buyer simulator bidding `bid` (`"12.50"`, `"10-20"`, `"none"`) after `latency_ms`.
+pub fn sim(bid: &str, latency_ms: u64) -> BuyerSim {
+    sim_with(Behaviour {
+        bid: BidSpec::parse(bid).expect("bid"),
+        ping_latency_ms: (latency_ms, latency_ms),
+        post_latency_ms: (0, 0),
+        reject_rate: 0.0,
+    })
+}
+
+pub fn sim_with(behaviour: Behaviour) -> BuyerSim {
+    BuyerSim::start("127.0.0.1:0", behaviour, 1).expect("buyer simulator")
+}
+
+pub fn price(text: &str) -> Price {
+    Price::parse_decimal(text).unwrap()
+}
+
+/// `[[buyers]]` for a ping-post buyer on `sim`, in campaign `acme-auto`, plus `extra` lines.
+pub fn ping_buyer(id: &str, sim: &BuyerSim, extra: &str) -> String {
+    format!(
+        "\n[[buyers]]\nid = \"{id}\"\ncampaigns = [\"acme-auto\"]\nping_url = \"{}\"\npost_url = \"{}\"\n{extra}\n",
+        sim.url("/ping"),
+        sim.url("/post")
+    )
+}
+
+/// `[[buyers]]` for a direct-post buyer on `sim` at `fixed_price`.
+pub fn direct_buyer(id: &str, sim: &BuyerSim, fixed_price: &str, extra: &str) -> String {
+    format!(
+        "\n[[buyers]]\nid = \"{id}\"\ncampaigns = [\"acme-auto\"]\npost_url = \"{}\"\nfixed_price = {fixed_price}\n{extra}\n",
+        sim.url("/post")
+    )
+}
+
+/// The standard test config: sellers ACME1234 (slug `acme`), SOLR0001, OTHR0001; suppliers
+/// `sup-1` (KEY) and `sup-2` (OTHER_KEY); campaign `acme-auto` ("Auto Insurance", with
+/// `campaign_extra` lines) and `acme-solar`; then `buyers`.
+pub fn config(data: &Path, campaign_extra: &str, buyers: &str) -> String {
+    config_with(data, "", campaign_extra, buyers)
+}
+
+/// As `config`, with `rate_limit` lines (e.g. `requests = 5`).
+pub fn config_with(data: &Path, rate_limit: &str, campaign_extra: &str, buyers: &str) -> String {
+    let rate_limit = if rate_limit.is_empty() { "requests = 100000\nwindow_secs = 60".to_owned() } else { rate_limit.to_owned() };
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+workers = 2
+shutdown_grace_secs = 10
+
+[storage]
+backend = "embedded"
+path = "{data}"
+
+[rate_limit]
+{rate_limit}
+
+[[sellers]]
+code = "ACME1234"
+slug = "acme"
+
+[[sellers]]
+code = "SOLR0001"
+slug = "solar-co"
+
+[[sellers]]
+code = "OTHR0001"
+slug = "other"
+
+[[suppliers]]
+id = "sup-1"
+sellers = ["ACME1234", "SOLR0001"]
+api_key_sha256 = ["{k1}"]
+
+[[suppliers]]
+id = "sup-2"
+sellers = ["OTHR0001"]
+api_key_sha256 = ["{k2}"]
+
+[[campaigns]]
+id = "acme-solar"
+seller = "ACME1234"
+category = "Solar"
+
+[[campaigns]]
+id = "acme-auto"
+seller = "ACME1234"
+category = "Auto Insurance"
+ping_timeout_ms = 300
+post_timeout_ms = 1000
+{campaign_extra}
+{buyers}
+"#,
+        data = data.display(),
+        k1 = hash_key(KEY),
+        k2 = hash_key(OTHER_KEY),
+    )
+}
+
+/// A valid lead for `acme-auto`.
+pub fn lead() -> Value {
+    json!({
+        "seller": "ACME1234",
+        "category": "Auto Insurance",
+        "firstName": "John",
+        "lastName": "Doe",
+        "email": "john.doe@email.com",
+        "phone": "555-123-4567",
+        "state": "TX",
+        "zip": "75001",
+        "city": "Dallas"
+    })
+}
+
+impl TestApp {
+    pub async fn spawn(config_text: &str) -> TestApp {
+        let config = Config::from_toml(config_text).expect("test config is valid");
+        let data = config.storage.path.clone();
+        let app = Application::build(config, None).await.expect("app builds");
+        let addr = app.addr();
+        let handle = app.handle();
+        let running = actix_rt::spawn(app.run_until_stopped());
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+            handle,
+            data,
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs a JSON lead with `key`; returns status, headers and the JSON body.
+    pub async fn post_lead_as(&self, key: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .client
+            .post(self.url("/api/leads"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        (status, headers, json)
+    }
+
+    /// POSTs a JSON lead and returns the status and the body exactly as sent.
+    pub async fn post_lead_raw(&self, body: &Value) -> (u16, String) {
+        let response = self.client.post(self.url("/api/leads")).bearer_auth(KEY).json(body).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    pub async fn post_lead(&self, body: &Value) -> (u16, Value) {
+        let (status, _, json) = self.post_lead_as(KEY, body).await;
+        (status, json)
+    }
+
+    pub async fn get_lead(&self, key: &str, lead_id: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(&format!("/api/leads/{lead_id}"))).bearer_auth(key).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// Graceful stop: in-flight requests finish, storage is closed.
+    pub async fn stop(mut self) {
+        self.handle.stop(true).await;
+        if let Some(running) = self.running.take() {
+            running.await.expect("app task").expect("app ran");
+        }
+    }
+}
