@@ -106,13 +106,18 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage = state.store.ping().await.map_err(|e| e.to_string());
     let limiter = state.limiter.healthy().await;
     let body = serde_json::json!({
-        "status": if storage.is_ok() && limiter.is_ok() { "ready" } else { "degraded" },
+        "status": match (&storage, &limiter) {
+            (Err(_), _) => "unavailable",
+            (Ok(()), Err(_)) => "degraded",
+            (Ok(()), Ok(())) => "ready",
+        },
         "storage": match &storage { Ok(()) => "ok".to_owned(), Err(e) => e.clone() },
         "rate_limit": match &limiter { Ok(()) => format!("ok ({})", state.limiter.backend()), Err(e) => e.clone() },
     });
-    // A limiter outage degrades (node-local limits apply) but leads still sell: only storage
-    // makes the node unready.
-    let status = if storage.is_ok() && limiter.is_ok() {
+    // Only storage makes a node unready: without it no lead can be answered. A shared
+    // limiter outage leaves the node selling under node-local limits, so it reports itself
+    // degraded but stays in the load balancer; pulling every node at once would stop sales.
+    let status = if storage.is_ok() {
         actix_web::http::StatusCode::OK
     } else {
         actix_web::http::StatusCode::SERVICE_UNAVAILABLE
