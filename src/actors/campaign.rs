@@ -267,6 +267,7 @@ impl Shared {
             buyer_ids: sold.iter().map(|b| s.buyers[b.buyer].id.clone()).collect(),
             fields: msg.lead.fields.clone(),
             auction_log: log,
+            next_retry_ms: None,
         };
         tracing::info!(status = status.as_str(), price = %total, buyers = ?record.buyer_ids, "auction done");
         let idempotency = msg.idempotency_key.map(|key| {

@@ -8,7 +8,9 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use tokio::sync::oneshot;
 
 use super::{IDEMPOTENCY_TTL_MS, IdempotentAnswer, LeadRecord, LeadStore, StorageError, day_of};
@@ -19,12 +21,21 @@ const LEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("leads");
 const SUPPLIER_DAY: TableDefinition<&str, ()> = TableDefinition::new("supplier_day");
 /// Key `supplier \x1f idempotency key`.
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+/// Key `campaign \x1f next_retry_ms(20 digits) \x1f lead_id`: the pending queue.
+const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending");
+/// Small named values (counters, breaker state).
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 const SEP: char = '\u{1f}';
 
+enum WriteOp {
+    Insert(LeadRecord, Option<(String, IdempotentAnswer)>),
+    Update(LeadRecord),
+    State(String, Vec<u8>),
+}
+
 struct WriteJob {
-    record: LeadRecord,
-    idempotency: Option<(String, IdempotentAnswer)>,
+    op: WriteOp,
     done: oneshot::Sender<Result<(), StorageError>>,
 }
 
@@ -47,6 +58,10 @@ fn day_key(supplier: &str, day: i64, lead_id: &str) -> String {
     format!("{supplier}{SEP}{day:020}{SEP}{lead_id}")
 }
 
+fn pending_key(campaign: &str, due_ms: i64, lead_id: &str) -> String {
+    format!("{campaign}{SEP}{:020}{SEP}{lead_id}", due_ms.max(0))
+}
+
 fn idem_key(supplier: &str, key: &str) -> String {
     format!("{supplier}{SEP}{key}")
 }
@@ -62,6 +77,8 @@ impl EmbeddedStore {
             txn.open_table(LEADS).map_err(backend)?;
             txn.open_table(SUPPLIER_DAY).map_err(backend)?;
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
+            txn.open_table(PENDING).map_err(backend)?;
+            txn.open_table(STATE).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let db = Arc::new(db);
@@ -108,7 +125,11 @@ impl EmbeddedStore {
     }
 
     fn db(&self) -> Result<Arc<Database>, StorageError> {
-        self.db.read().expect("db lock").clone().ok_or(StorageError::Closed)
+        self.db
+            .read()
+            .expect("db lock")
+            .clone()
+            .ok_or(StorageError::Closed)
     }
 
     fn sender(&self) -> Result<std_mpsc::Sender<Job>, StorageError> {
@@ -122,7 +143,11 @@ impl EmbeddedStore {
 }
 
 /// Commits queued writes in batches until closed; returns the closer's waiter.
-fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Job>, max: usize) -> Option<oneshot::Sender<()>> {
+fn writer_loop(
+    db: &Database,
+    rx: &std_mpsc::Receiver<Job>,
+    max: usize,
+) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
     let mut closing = None;
     while closing.is_none() {
@@ -169,22 +194,68 @@ fn commit_batch(db: &Database, batch: &[Box<WriteJob>]) -> Result<(), StorageErr
         let mut leads = txn.open_table(LEADS).map_err(backend)?;
         let mut by_day = txn.open_table(SUPPLIER_DAY).map_err(backend)?;
         let mut idem = txn.open_table(IDEMPOTENCY).map_err(backend)?;
+        let mut pending = txn.open_table(PENDING).map_err(backend)?;
+        let mut state = txn.open_table(STATE).map_err(backend)?;
         for job in batch {
-            let r = &job.record;
-            let bytes = serde_json::to_vec(r).map_err(backend)?;
-            leads
-                .insert(r.lead_id.as_str(), bytes.as_slice())
-                .map_err(backend)?;
-            let key = day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id);
-            by_day.insert(key.as_str(), ()).map_err(backend)?;
-            if let Some((key, answer)) = &job.idempotency {
-                let bytes = serde_json::to_vec(answer).map_err(backend)?;
-                idem.insert(idem_key(&r.supplier_id, key).as_str(), bytes.as_slice())
-                    .map_err(backend)?;
+            match &job.op {
+                WriteOp::Insert(r, idempotency) => {
+                    let bytes = serde_json::to_vec(r).map_err(backend)?;
+                    leads
+                        .insert(r.lead_id.as_str(), bytes.as_slice())
+                        .map_err(backend)?;
+                    let key = day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id);
+                    by_day.insert(key.as_str(), ()).map_err(backend)?;
+                    if let Some(due) = r.next_retry_ms {
+                        pending
+                            .insert(pending_key(&r.campaign_id, due, &r.lead_id).as_str(), ())
+                            .map_err(backend)?;
+                    }
+                    if let Some((key, answer)) = idempotency {
+                        let bytes = serde_json::to_vec(answer).map_err(backend)?;
+                        idem.insert(idem_key(&r.supplier_id, key).as_str(), bytes.as_slice())
+                            .map_err(backend)?;
+                    }
+                }
+                WriteOp::Update(r) => {
+                    let previous: Option<LeadRecord> =
+                        match leads.get(r.lead_id.as_str()).map_err(backend)? {
+                            Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
+                            None => None,
+                        };
+                    if let Some(due) = previous.and_then(|p| p.next_retry_ms) {
+                        pending
+                            .remove(pending_key(&r.campaign_id, due, &r.lead_id).as_str())
+                            .map_err(backend)?;
+                    }
+                    let bytes = serde_json::to_vec(r).map_err(backend)?;
+                    leads
+                        .insert(r.lead_id.as_str(), bytes.as_slice())
+                        .map_err(backend)?;
+                    if let Some(due) = r.next_retry_ms {
+                        pending
+                            .insert(pending_key(&r.campaign_id, due, &r.lead_id).as_str(), ())
+                            .map_err(backend)?;
+                    }
+                }
+                WriteOp::State(key, value) => {
+                    state
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(backend)?;
+                }
             }
         }
     }
     txn.commit().map_err(backend)
+}
+
+impl EmbeddedStore {
+    async fn write(&self, op: WriteOp) -> Result<(), StorageError> {
+        let (done, wait) = oneshot::channel();
+        self.sender()?
+            .send(Job::Write(Box::new(WriteJob { op, done })))
+            .map_err(|_| StorageError::Closed)?;
+        wait.await.map_err(|_| StorageError::Closed)?
+    }
 }
 
 #[async_trait]
@@ -194,15 +265,51 @@ impl LeadStore for EmbeddedStore {
         record: LeadRecord,
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError> {
-        let (done, wait) = oneshot::channel();
-        self.sender()?
-            .send(Job::Write(Box::new(WriteJob {
-                record,
-                idempotency,
-                done,
-            })))
-            .map_err(|_| StorageError::Closed)?;
-        wait.await.map_err(|_| StorageError::Closed)?
+        self.write(WriteOp::Insert(record, idempotency)).await
+    }
+
+    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
+        self.write(WriteOp::Update(record)).await
+    }
+
+    async fn pending_due(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        let txn = self.db()?.begin_read().map_err(backend)?;
+        let queue = txn.open_table(PENDING).map_err(backend)?;
+        let leads = txn.open_table(LEADS).map_err(backend)?;
+        let start = format!("{campaign_id}{SEP}");
+        let end = pending_key(campaign_id, due_ms, "\u{7f}");
+        let mut out = Vec::new();
+        for entry in queue.range(start.as_str()..end.as_str()).map_err(backend)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = entry.map_err(backend)?;
+            let Some(lead_id) = key.value().rsplit(SEP).next().map(str::to_owned) else {
+                continue;
+            };
+            if let Some(bytes) = leads.get(lead_id.as_str()).map_err(backend)? {
+                out.push(
+                    serde_json::from_slice(bytes.value())
+                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
+        self.write(WriteOp::State(key.to_owned(), value)).await
+    }
+
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.db()?.begin_read().map_err(backend)?;
+        let table = txn.open_table(STATE).map_err(backend)?;
+        Ok(table.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
     }
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {

@@ -82,6 +82,9 @@ pub struct LeadRecord {
     pub buyer_ids: Vec<String>,
     pub fields: FieldMap,
     pub auction_log: Vec<AuctionEvent>,
+    /// When a pending lead is due for its next auction; `None` when it is not queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_ms: Option<i64>,
 }
 
 /// The answer given for an `Idempotency-Key`, kept so a repeat gets it again.
@@ -107,6 +110,24 @@ pub trait LeadStore: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError>;
+
+    /// Replaces a stored lead (a re-auction's outcome) and moves it in or out of the pending
+    /// queue according to `next_retry_ms`; returns once durable.
+    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError>;
+
+    /// Pending leads of a campaign due for another auction at `due_ms` (their
+    /// `next_retry_ms` is at or before it), earliest first, at most `limit`.
+    async fn pending_due(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError>;
+
+    /// Durably stores a small named value (counters, breaker state) next to the leads.
+    async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError>;
+
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
     /// The answer stored for this supplier's key, if younger than 24 h.
     async fn get_idempotent(
