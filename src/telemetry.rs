@@ -231,8 +231,14 @@ pub fn register_series<'a>(
 /// Sets up `tracing` output once: `text` for people, `json` for log pipelines. The level comes
 /// from `RUST_LOG` (default `info`).
 pub fn init_logging(format: &str) {
+    init_logging_at(format, "info");
+}
+
+/// As `init_logging`, with another level when `RUST_LOG` is not set.
+pub fn init_logging_at(format: &str, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

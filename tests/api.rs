@@ -330,3 +330,799 @@ async fn authentication_and_campaign_errors() {
     assert_eq!(buyer.stats.pings(), 0, "nothing refused reached a buyer");
     app.stop().await;
 }
+
+// ---- The supplier API to the letter (CONTRACT §2) ----
+
+async fn raw(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut request = app.client.request(method, app.url(path)).body(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    if let Some(ct) = content_type {
+        request = request.header("content-type", ct);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.text().await.unwrap())
+}
+
+fn error_of(text: &str) -> (String, Option<Value>) {
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_eq!(v["success"], false, "{text}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{text}"
+    );
+    (
+        v["error"].as_str().unwrap().to_owned(),
+        v.get("fields").cloned(),
+    )
+}
+
+#[actix_web::test]
+async fn every_error_case_has_the_contract_shape() {
+    let buyer = sim("10", 0);
+    let app = TestApp::spawn(&config(
+        &data_dir(),
+        "required_fields = [\"email\", \"zip\"]",
+        &ping_buyer("a", &buyer, ""),
+    ))
+    .await;
+    let json_ct = Some("application/json");
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut l = lead();
+        edit(&mut l);
+        serde_json::to_vec(&l).unwrap()
+    };
+    let big = {
+        let mut l = lead();
+        l["notes"] = json!("x".repeat(64 * 1024));
+        serde_json::to_vec(&l).unwrap()
+    };
+    // (case, content type, body, status, error name, fields)
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Vec<u8>,
+        u16,
+        &'a str,
+        Option<Value>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "bad JSON",
+            json_ct,
+            b"{\"seller\": ".to_vec(),
+            400,
+            "Invalid request body",
+            None,
+        ),
+        (
+            "JSON array",
+            json_ct,
+            b"[1, 2]".to_vec(),
+            400,
+            "Invalid request body",
+            None,
+        ),
+        (
+            "JSON string",
+            json_ct,
+            b"\"lead\"".to_vec(),
+            400,
+            "Invalid request body",
+            None,
+        ),
+        (
+            "not UTF-8",
+            json_ct,
+            vec![b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}'],
+            400,
+            "Invalid request body",
+            None,
+        ),
+        (
+            "unsupported type",
+            Some("text/xml"),
+            b"<lead/>".to_vec(),
+            400,
+            "Invalid request body",
+            None,
+        ),
+        ("too large", json_ct, big, 413, "Payload too large", None),
+        (
+            "missing seller",
+            json_ct,
+            with(&|l| {
+                l.as_object_mut().unwrap().remove("seller");
+            }),
+            400,
+            "Missing required field",
+            Some(json!(["seller"])),
+        ),
+        (
+            "blank category and bad phone",
+            json_ct,
+            with(&|l| {
+                l["category"] = json!("");
+                l["phone"] = json!("555-1234");
+            }),
+            400,
+            "Missing required field",
+            Some(json!(["category", "phone"])),
+        ),
+        (
+            "campaign's own required fields",
+            json_ct,
+            with(&|l| {
+                l.as_object_mut().unwrap().remove("email");
+                l.as_object_mut().unwrap().remove("zip");
+            }),
+            400,
+            "Missing required field",
+            Some(json!(["email", "zip"])),
+        ),
+        (
+            "every invalid field",
+            json_ct,
+            with(&|l| {
+                l["phone"] = json!("555-1234");
+                l["state"] = json!("XX");
+                l["email"] = json!("nope");
+                l["zip"] = json!("7500");
+            }),
+            400,
+            "Invalid field",
+            Some(json!(["phone", "state", "email", "zip"])),
+        ),
+        (
+            "phone with letters",
+            json_ct,
+            with(&|l| {
+                l["phone"] = json!("555-123-45AB");
+            }),
+            400,
+            "Invalid field",
+            Some(json!(["phone"])),
+        ),
+        (
+            "eleven digits not starting with 1",
+            json_ct,
+            with(&|l| {
+                l["phone"] = json!("25551234567");
+            }),
+            400,
+            "Invalid field",
+            Some(json!(["phone"])),
+        ),
+        (
+            "object as a name",
+            json_ct,
+            with(&|l| {
+                l["firstName"] = json!({"a": 1});
+            }),
+            400,
+            "Invalid field",
+            Some(json!(["firstName"])),
+        ),
+        (
+            "unknown category",
+            json_ct,
+            with(&|l| {
+                l["category"] = json!("Pet Insurance");
+            }),
+            400,
+            "No matching campaign",
+            None,
+        ),
+        (
+            "seller not granted",
+            json_ct,
+            with(&|l| {
+                l["seller"] = json!("OTHR0001");
+            }),
+            401,
+            "Invalid API Key",
+            None,
+        ),
+    ];
+    for (name, content_type, body, status, error, fields) in cases {
+        let (got, headers, text) = raw(
+            &app,
+            reqwest::Method::POST,
+            "/api/leads",
+            Some(KEY),
+            content_type,
+            body,
+        )
+        .await;
+        assert_eq!(got, status, "{name}: {text}");
+        let (got_error, got_fields) = error_of(&text);
+        assert_eq!(got_error, error, "{name}: {text}");
+        assert_eq!(got_fields, fields, "{name}: {text}");
+        assert!(headers.contains_key("x-request-id"), "{name}");
+        if status != 413 {
+            assert!(
+                headers.contains_key("x-ratelimit-remaining"),
+                "{name}: every answer to a valid key has the headers"
+            );
+        }
+    }
+    assert_eq!(buyer.stats.pings(), 0, "no refused lead reached a buyer");
+
+    // Routes and methods.
+    let (status, headers, text) =
+        raw(&app, reqwest::Method::GET, "/nope", None, None, vec![]).await;
+    assert_eq!((status, error_of(&text).0.as_str()), (404, "Not found"));
+    assert!(headers.contains_key("x-request-id"));
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::GET,
+        "/api/leads",
+        Some(KEY),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (405, "Method not allowed")
+    );
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::DELETE,
+        "/api/leads/abc",
+        Some(KEY),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (405, "Method not allowed")
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn checks_run_in_the_contract_order() {
+    let buyer = sim("10", 0);
+    let data = data_dir();
+    let app = TestApp::spawn(&config_with(
+        &data,
+        "requests = 2\nwindow_secs = 60",
+        "",
+        &ping_buyer("a", &buyer, ""),
+    ))
+    .await;
+    // Bad key beats a bad body.
+    let (status, _, _) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads",
+        Some("nope"),
+        Some("application/json"),
+        b"{".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    // Body parsing beats seller/campaign and fields.
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads",
+        Some(KEY),
+        Some("application/json"),
+        b"{".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (400, "Invalid request body")
+    );
+    // Seller and campaign beat missing fields.
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads",
+        Some(KEY),
+        Some("application/json"),
+        br#"{"seller":"ACME1234","category":"Boats"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (400, "No matching campaign")
+    );
+    // The rate limit beats the body: two requests counted above, the third is refused.
+    let (status, headers, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads",
+        Some(KEY),
+        Some("application/json"),
+        b"{".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (429, "Rate limit exceeded")
+    );
+    assert!(
+        headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn fields_come_from_query_json_and_forms_and_sellers_match_by_code_or_slug() {
+    let buyer = sim("10", 0);
+    let app = TestApp::spawn(&config(&data_dir(), "", &ping_buyer("a", &buyer, ""))).await;
+
+    // The supplier document's query example, with a dialable phone.
+    let path = "/api/leads?seller=ACME1234&category=Auto%20Insurance&state=TX&firstName=John&lastName=Doe&phone=555-123-4567&homeowner=yes";
+    let (status, _, text) = raw(&app, reqwest::Method::POST, path, Some(KEY), None, vec![]).await;
+    assert_eq!(status, 200, "query only: {text}");
+    // Its 7-digit phone is refused as invalid, as CONTRACT §2 says.
+    let (status, _, text) = raw(&app, reqwest::Method::POST, "/api/leads?seller=ACME1234&category=Solar&state=TX&firstName=John&lastName=Doe&phone=555-1234", Some(KEY), None, vec![]).await;
+    assert_eq!(
+        (status, error_of(&text)),
+        (400, ("Invalid field".to_owned(), Some(json!(["phone"]))))
+    );
+
+    // The body wins over the query.
+    let path = "/api/leads?state=CA&firstName=Query&extra=from-query";
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        path,
+        Some(KEY),
+        Some("application/json"),
+        serde_json::to_vec(&lead()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    // Form body, slug seller, lower-case category.
+    let form = "seller=acme&category=auto+insurance&firstName=Ann&lastName=Lee&phone=%2B1+(555)+987-6543&state=ny&creditScore=720";
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads",
+        Some(KEY),
+        Some("application/x-www-form-urlencoded"),
+        form.as_bytes().to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    // Lower-case seller code.
+    let mut l = lead();
+    l["seller"] = json!("acme1234");
+    let (status, body) = app.post_lead(&l).await;
+    assert_eq!(status, 200, "{body}");
+
+    let posts = buyer.stats.post_bodies();
+    assert_eq!(posts.len(), 4);
+    assert_eq!(
+        posts[0]["lead"]["homeowner"], "yes",
+        "unknown query field reaches the buyer"
+    );
+    assert_eq!(posts[1]["lead"]["state"], "TX", "body beats query");
+    assert_eq!(posts[1]["lead"]["firstName"], "John");
+    assert_eq!(
+        posts[1]["lead"]["extra"], "from-query",
+        "query fields not in the body are kept"
+    );
+    assert_eq!(posts[2]["lead"]["phone"], "5559876543");
+    assert_eq!(posts[2]["lead"]["state"], "NY");
+    assert_eq!(
+        posts[2]["lead"]["creditScore"], "720",
+        "form values pass on as sent"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn rate_limit_headers_count_every_answer_to_a_valid_key() {
+    let buyer = sim("10", 0);
+    let app = TestApp::spawn(&config_with(
+        &data_dir(),
+        "requests = 3\nwindow_secs = 60",
+        "",
+        &ping_buyer("a", &buyer, ""),
+    ))
+    .await;
+    let now = leadex::clock::now_ms() / 1000;
+    let (status, h1, body) = app.post_lead_as(KEY, &lead()).await;
+    assert_eq!(status, 200);
+    assert_eq!(h1["x-ratelimit-limit"], "3");
+    assert_eq!(h1["x-ratelimit-remaining"], "2");
+    let reset: i64 = h1["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (now + 59..=now + 62).contains(&reset),
+        "reset {reset} vs now {now}"
+    );
+    // A 400 counts too, and so does a status read.
+    let (status, h2, _) = app.post_lead_as(KEY, &json!({"seller": "ACME1234"})).await;
+    assert_eq!(
+        (status, h2["x-ratelimit-remaining"].to_str().unwrap()),
+        (400, "1")
+    );
+    let response = app
+        .client
+        .get(app.url(&format!("/api/leads/{}", body["lead_id"].as_str().unwrap())))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["x-ratelimit-remaining"], "0");
+    // Over the limit: 429, not counted, same reset.
+    for _ in 0..2 {
+        let (status, h, body) = app.post_lead_as(KEY, &lead()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (429, Some("Rate limit exceeded"))
+        );
+        assert_eq!(h["x-ratelimit-remaining"], "0");
+        assert_eq!(
+            h["x-ratelimit-reset"]
+                .to_str()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+            reset
+        );
+        let retry: i64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((57..=61).contains(&retry), "retry-after {retry}");
+    }
+    // Another supplier's key has its own window.
+    let mut other = lead();
+    other["seller"] = json!("OTHR0001");
+    let (status, h, _) = app.post_lead_as(OTHER_KEY, &other).await;
+    assert_eq!(
+        (status, h["x-ratelimit-remaining"].to_str().unwrap()),
+        (400, "2"),
+        "no campaign for OTHR0001, but counted in its own window"
+    );
+    assert_eq!(buyer.stats.posts(), 1);
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("leadex_rate_limited_total") && !l.ends_with(" 0")),
+        "429s are counted"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn failed_authentication_is_limited_per_address() {
+    let buyer = sim("10", 0);
+    let app = TestApp::spawn(&config_with(
+        &data_dir(),
+        "requests = 100\nauth_failures = 3\nauth_failure_window_secs = 60",
+        "",
+        &ping_buyer("a", &buyer, ""),
+    ))
+    .await;
+    for i in 0..3 {
+        let (status, _, _) = app.post_lead_as(&format!("guess-{i}"), &lead()).await;
+        assert_eq!(status, 401);
+    }
+    let (status, headers, body) = app.post_lead_as("guess-4", &lead()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("Rate limit exceeded"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    // While the address is blocked even the right key is refused, so a lucky guess is not told apart.
+    let (status, _, _) = app.post_lead_as(KEY, &lead()).await;
+    assert_eq!(status, 429);
+    assert_eq!(buyer.stats.pings(), 0);
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn idempotency_key_replays_the_first_answer() {
+    let buyer = sim("10-40", 30);
+    let data = data_dir();
+    let text = config(&data, "", &ping_buyer("a", &buyer, ""));
+    let app = TestApp::spawn(&text).await;
+    let send = |key: &'static str, body: Value| {
+        let request = app
+            .client
+            .post(app.url("/api/leads"))
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", key)
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    // A refused request is not remembered: the corrected retry with the same key goes through.
+    let (status, _) = send("order-1", json!({"seller": "ACME1234"})).await;
+    assert_eq!(status, 400);
+    let (status, first) = send("order-1", lead()).await;
+    assert_eq!(status, 200);
+    let (status, again) = send("order-1", lead()).await;
+    assert_eq!((status, &again), (200, &first), "same answer, same lead_id");
+    assert_eq!(buyer.stats.pings(), 1, "no second auction");
+
+    // Concurrent requests with one key run one auction and all get its answer.
+    let answers = futures::future::join_all((0..5).map(|_| send("order-2", lead()))).await;
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+    assert_eq!(buyer.stats.pings(), 2);
+    assert_eq!(buyer.stats.posts(), 2);
+    // Another key is another lead.
+    let (_, other) = send("order-3", lead()).await;
+    assert_ne!(other, first);
+    app.stop().await;
+
+    // Keys survive a restart.
+    let app = TestApp::spawn(&text).await;
+    let response = app
+        .client
+        .post(app.url("/api/leads"))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "order-1")
+        .json(&lead())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), first);
+    assert_eq!(buyer.stats.pings(), 3);
+    app.stop().await;
+}
+
+/// Validates `body` against the OpenAPI document's schema for (path, method, status).
+fn check_against_openapi(doc: &Value, path: &str, method: &str, status: u16, body: &str) {
+    let errors = openapi_errors(doc, path, method, status, body);
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status}: {body} does not match the document: {errors:?}"
+    );
+}
+
+fn openapi_errors(doc: &Value, path: &str, method: &str, status: u16, body: &str) -> Vec<String> {
+    let responses = &doc["paths"][path][method]["responses"];
+    let mut response = responses
+        .get(status.to_string())
+        .unwrap_or_else(|| panic!("{method} {path} {status} is not documented: {body}"));
+    if let Some(reference) = response.get("$ref").and_then(Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap();
+        response = &doc["components"]["responses"][name];
+    }
+    let schema = &response["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status} has no JSON schema"
+    );
+    let root = json!({"$schema": "https://json-schema.org/draft/2020-12/schema", "components": doc["components"], "allOf": [schema]});
+    let validator = jsonschema::draft202012::new(&root).expect("schema compiles");
+    let instance: Value = serde_json::from_str(body).unwrap();
+    validator
+        .iter_errors(&instance)
+        .map(|e| e.to_string())
+        .collect()
+}
+
+#[actix_web::test]
+async fn real_answers_match_the_openapi_document() {
+    let (bidder, refuser) = (sim("12.5", 1), sim("none", 0));
+    let buyers = ping_buyer("a", &bidder, "") + &ping_buyer("b", &refuser, "");
+    let app = TestApp::spawn(&config_with(&data_dir(), "requests = 12", "", &buyers)).await;
+    let (status, _, served) = raw(
+        &app,
+        reqwest::Method::GET,
+        "/api/openapi.json",
+        None,
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::from_str::<Value>(leadex::http::OPENAPI).unwrap()
+    );
+    assert_eq!(doc["openapi"], "3.1.0");
+    // The check has teeth: a sold answer without its price, or an unknown error name, fails.
+    assert!(
+        !openapi_errors(
+            &doc,
+            "/api/leads",
+            "post",
+            200,
+            r#"{"success":true,"lead_id":"x","status":"sold","buyer_ids":["a"]}"#
+        )
+        .is_empty()
+    );
+    assert!(
+        !openapi_errors(
+            &doc,
+            "/api/leads",
+            "post",
+            400,
+            r#"{"success":false,"error":"Oops","message":"m"}"#
+        )
+        .is_empty()
+    );
+
+    let post = "/api/leads";
+    let json_ct = Some("application/json");
+    let mut seen = Vec::new();
+    let mut check = |status: u16, path: &str, method: &str, body: &str| {
+        check_against_openapi(&doc, path, method, status, body);
+        seen.push((method.to_owned(), status));
+    };
+    let (s, _, b) = raw(
+        &app,
+        reqwest::Method::POST,
+        post,
+        Some(KEY),
+        json_ct,
+        serde_json::to_vec(&lead()).unwrap(),
+    )
+    .await;
+    check(s, post, "post", &b);
+    let lead_id = serde_json::from_str::<Value>(&b).unwrap()["lead_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bidder.set_behaviour(Behaviour {
+        bid: BidSpec::Nothing,
+        ..Behaviour::default()
+    });
+    let (s, _, b) = raw(
+        &app,
+        reqwest::Method::POST,
+        post,
+        Some(KEY),
+        json_ct,
+        serde_json::to_vec(&lead()).unwrap(),
+    )
+    .await;
+    assert!(b.contains("pending"));
+    check(s, post, "post", &b);
+    let pending_id = serde_json::from_str::<Value>(&b).unwrap()["lead_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for body in [
+        b"{".to_vec(),
+        br#"{"seller":"ACME1234"}"#.to_vec(),
+        br#"{"seller":"ACME1234","category":"Boats"}"#.to_vec(),
+    ] {
+        let (s, _, b) = raw(&app, reqwest::Method::POST, post, Some(KEY), json_ct, body).await;
+        check(s, post, "post", &b);
+    }
+    let (s, _, b) = raw(
+        &app,
+        reqwest::Method::POST,
+        post,
+        Some(KEY),
+        json_ct,
+        vec![b' '; 70_000],
+    )
+    .await;
+    check(s, post, "post", &b);
+    let (s, _, b) = raw(
+        &app,
+        reqwest::Method::POST,
+        post,
+        Some("wrong"),
+        json_ct,
+        vec![],
+    )
+    .await;
+    check(s, post, "post", &b);
+    for id in [&lead_id, &pending_id, &"01NOPE".to_owned()] {
+        let path = format!("/api/leads/{id}");
+        let (s, _, b) = raw(&app, reqwest::Method::GET, &path, Some(KEY), None, vec![]).await;
+        check(s, "/api/leads/{lead_id}", "get", &b);
+    }
+    let (s, _, b) = raw(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/leads/{lead_id}"),
+        Some(OTHER_KEY),
+        None,
+        vec![],
+    )
+    .await;
+    check(s, "/api/leads/{lead_id}", "get", &b);
+    for _ in 0..40 {
+        let (s, _, b) = raw(
+            &app,
+            reqwest::Method::POST,
+            post,
+            Some(KEY),
+            json_ct,
+            b"{}".to_vec(),
+        )
+        .await;
+        check(s, post, "post", &b);
+        if s == 429 {
+            break;
+        }
+        assert!(b.len() < 100_000);
+    }
+    for wanted in [
+        ("post", 200),
+        ("post", 400),
+        ("post", 401),
+        ("post", 413),
+        ("post", 429),
+        ("get", 200),
+        ("get", 404),
+    ] {
+        assert!(
+            seen.iter().any(|(m, s)| m == wanted.0 && *s == wanted.1),
+            "never saw {wanted:?}"
+        );
+    }
+    app.stop().await;
+}
+
+#[test]
+fn openapi_error_names_are_the_code_s() {
+    use leadex::http::ApiError;
+    let doc: Value = serde_json::from_str(leadex::http::OPENAPI).unwrap();
+    let documented: Vec<&str> =
+        doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+    let errors = [
+        ApiError::InvalidApiKey,
+        ApiError::RateLimited {
+            retry_after_secs: 1,
+        },
+        ApiError::InvalidBody(String::new()),
+        ApiError::PayloadTooLarge(1),
+        ApiError::NoMatchingCampaign,
+        ApiError::MissingFields {
+            missing: vec![],
+            invalid: vec![],
+        },
+        ApiError::InvalidFields(vec![]),
+        ApiError::Duplicate,
+        ApiError::NotFound,
+        ApiError::MethodNotAllowed,
+        ApiError::Overloaded {
+            retry_after_secs: 1,
+        },
+        ApiError::StorageUnavailable(String::new()),
+        ApiError::Internal(String::new()),
+    ];
+    for e in &errors {
+        assert!(
+            documented.contains(&e.name()),
+            "{} is not in the document",
+            e.name()
+        );
+    }
+    for name in documented {
+        assert!(
+            errors.iter().any(|e| e.name() == name),
+            "{name} is documented but never answered"
+        );
+    }
+}

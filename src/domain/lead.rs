@@ -391,3 +391,77 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_punctuated_ten_digit_number_normalises_to_its_digits(
+            digits in "[0-9]{10}",
+            country in proptest::bool::ANY,
+            seps in proptest::collection::vec(prop_oneof![Just(""), Just(" "), Just("-"), Just("."), Just("("), Just(")")], 11),
+        ) {
+            let mut text = String::new();
+            if country { text.push('1'); }
+            for (i, d) in digits.chars().enumerate() {
+                text.push_str(seps[i]);
+                text.push(d);
+            }
+            let phone = Phone::parse(&text).expect("valid");
+            prop_assert_eq!(phone.as_str(), digits.as_str());
+            // Normalising twice changes nothing.
+            prop_assert_eq!(Phone::parse(phone.as_str()).unwrap(), phone);
+        }
+
+        #[test]
+        fn phones_with_letters_or_wrong_lengths_are_refused(text in "[0-9a-z]{1,14}") {
+            let digits = text.chars().filter(char::is_ascii_digit).count();
+            let has_letter = text.chars().any(|c| c.is_ascii_alphabetic());
+            let ok = Phone::parse(&text).is_some();
+            if has_letter || !(digits == 10 || (digits == 11 && text.starts_with('1'))) {
+                prop_assert!(!ok, "{} accepted", text);
+            } else {
+                prop_assert!(ok, "{} refused", text);
+            }
+        }
+
+        #[test]
+        fn states_are_case_insensitive_and_closed(code in "[a-zA-Z]{2}") {
+            let upper = code.to_ascii_uppercase();
+            match UsState::parse(&format!(" {code} ")) {
+                Some(state) => {
+                    prop_assert_eq!(state.as_str(), upper.as_str());
+                    prop_assert!(US_STATES.contains(&state.as_str()));
+                }
+                None => prop_assert!(!US_STATES.contains(&upper.as_str())),
+            }
+        }
+
+        #[test]
+        fn emails_are_trimmed_and_lower_cased(local in "[A-Za-z0-9._+-]{1,20}", domain in "[A-Za-z0-9]{1,10}", tld in "[A-Za-z]{2,6}") {
+            let text = format!("  {local}@{domain}.{tld} ");
+            if let Some(email) = Email::parse(&text) {
+                prop_assert_eq!(email.as_str(), text.trim().to_lowercase());
+                prop_assert_eq!(Email::parse(email.as_str()).unwrap(), email.clone());
+            } else {
+                // Only local parts with dots at the ends or doubled are refused here.
+                prop_assert!(local.starts_with('.') || local.ends_with('.') || local.contains(".."), "{} refused", text);
+            }
+        }
+
+        #[test]
+        fn zips_are_five_digits_or_zip_plus_four(text in "[0-9-]{1,11}") {
+            let expected = text.len() == 5 && text.chars().all(|c| c.is_ascii_digit())
+                || text.len() == 9 && text.chars().all(|c| c.is_ascii_digit())
+                || text.len() == 10 && text[..5].chars().all(|c| c.is_ascii_digit()) && &text[5..6] == "-" && text[6..].chars().all(|c| c.is_ascii_digit());
+            let parsed = Zip::parse(&text);
+            prop_assert_eq!(parsed.is_some(), expected, "{}", text);
+            if let Some(zip) = parsed {
+                prop_assert_eq!(zip.five(), &text[..5]);
+            }
+        }
+    }
+}

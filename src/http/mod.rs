@@ -131,6 +131,16 @@ async fn metrics_page(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
+/// The supplier API's OpenAPI 3.1 document, kept in the repository and checked against real
+/// answers by the tests.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))
+        .body(OPENAPI)
+}
+
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
@@ -149,6 +159,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/api/leads/{lead_id}")
             .route(web::get().to(leads::status))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/openapi.json")
+            .route(web::get().to(openapi))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
