@@ -257,6 +257,11 @@ impl Application {
         self.addr.port()
     }
 
+    /// The store the app writes to; tests close it to see the node report itself unready.
+    pub fn store(&self) -> Arc<dyn LeadStore> {
+        self.store.clone()
+    }
+
     /// Stops the server gracefully (auctions in flight finish) when called.
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
