@@ -1176,8 +1176,8 @@ async fn debug_json_logs_carry_request_and_lead_ids_and_no_personal_field() {
         let request_id = span_field(line, "request", "request_id");
         assert!(request_id.is_some_and(|id| id.len() == 26), "{line}");
     }
-    // Every line of an auction names its lead, and the request's "lead accepted" line joins
-    // the request id to it.
+    // Every line of an auction names its lead and, the auction running inside the request,
+    // the same request id as the request's "lead accepted" line.
     for lead_id in &lead_ids {
         let auction: Vec<&Value> = lines
             .iter()
@@ -1198,15 +1198,23 @@ async fn debug_json_logs_carry_request_and_lead_ids_and_no_personal_field() {
             .iter()
             .find(|l| l["message"] == "lead accepted" && l["lead_id"] == lead_id.as_str())
             .unwrap_or_else(|| panic!("no 'lead accepted' line for {lead_id}"));
-        assert!(
-            span_field(accepted, "request", "request_id").is_some(),
-            "{accepted}"
-        );
+        let request_id = span_field(accepted, "request", "request_id").expect("request id");
+        for line in &auction {
+            assert_eq!(
+                span_field(line, "request", "request_id").as_deref(),
+                Some(request_id.as_str()),
+                "{line}"
+            );
+        }
     }
     for line in lines
         .iter()
         .filter(|l| spans(l).iter().any(|s| s["name"] == "auction"))
     {
         assert!(span_field(line, "auction", "lead_id").is_some(), "{line}");
+        assert!(
+            span_field(line, "request", "request_id").is_some(),
+            "{line}"
+        );
     }
 }
