@@ -108,7 +108,11 @@ impl EmbeddedStore {
     }
 
     fn db(&self) -> Result<Arc<Database>, StorageError> {
-        self.db.read().expect("db lock").clone().ok_or(StorageError::Closed)
+        self.db
+            .read()
+            .expect("db lock")
+            .clone()
+            .ok_or(StorageError::Closed)
     }
 
     fn sender(&self) -> Result<std_mpsc::Sender<Job>, StorageError> {
@@ -122,7 +126,11 @@ impl EmbeddedStore {
 }
 
 /// Commits queued writes in batches until closed; returns the closer's waiter.
-fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Job>, max: usize) -> Option<oneshot::Sender<()>> {
+fn writer_loop(
+    db: &Database,
+    rx: &std_mpsc::Receiver<Job>,
+    max: usize,
+) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
     let mut closing = None;
     while closing.is_none() {

@@ -29,7 +29,10 @@ pub struct TestApp {
 /// A fresh temporary data folder kept for the test's life (removed by the OS tmp cleaner;
 /// tests that restart reuse it).
 pub fn data_dir() -> PathBuf {
-    let dir = tempfile::Builder::new().prefix("leadex-test-").tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("leadex-test-")
+        .tempdir()
+        .expect("tempdir");
     dir.keep()
 }
 
@@ -77,7 +80,11 @@ pub fn config(data: &Path, campaign_extra: &str, buyers: &str) -> String {
 
 /// As `config`, with `rate_limit` lines (e.g. `requests = 5`).
 pub fn config_with(data: &Path, rate_limit: &str, campaign_extra: &str, buyers: &str) -> String {
-    let rate_limit = if rate_limit.is_empty() { "requests = 100000\nwindow_secs = 60".to_owned() } else { rate_limit.to_owned() };
+    let rate_limit = if rate_limit.is_empty() {
+        "requests = 100000\nwindow_secs = 60".to_owned()
+    } else {
+        rate_limit.to_owned()
+    };
     format!(
         r#"
 [server]
@@ -160,7 +167,10 @@ impl TestApp {
         TestApp {
             addr,
             base: format!("http://{addr}"),
-            client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
             handle,
             data,
             running: Some(running),
@@ -172,7 +182,11 @@ impl TestApp {
     }
 
     /// POSTs a JSON lead with `key`; returns status, headers and the JSON body.
-    pub async fn post_lead_as(&self, key: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    pub async fn post_lead_as(
+        &self,
+        key: &str,
+        body: &Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let response = self
             .client
             .post(self.url("/api/leads"))
@@ -190,7 +204,14 @@ impl TestApp {
 
     /// POSTs a JSON lead and returns the status and the body exactly as sent.
     pub async fn post_lead_raw(&self, body: &Value) -> (u16, String) {
-        let response = self.client.post(self.url("/api/leads")).bearer_auth(KEY).json(body).send().await.unwrap();
+        let response = self
+            .client
+            .post(self.url("/api/leads"))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         (response.status().as_u16(), response.text().await.unwrap())
     }
 
@@ -200,13 +221,26 @@ impl TestApp {
     }
 
     pub async fn get_lead(&self, key: &str, lead_id: &str) -> (u16, Value) {
-        let response = self.client.get(self.url(&format!("/api/leads/{lead_id}"))).bearer_auth(key).send().await.unwrap();
+        let response = self
+            .client
+            .get(self.url(&format!("/api/leads/{lead_id}")))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap())
     }
 
     pub async fn metrics(&self) -> String {
-        self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Graceful stop: in-flight requests finish, storage is closed.
