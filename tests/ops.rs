@@ -946,6 +946,56 @@ async fn sigterm_lets_fifty_auctions_in_flight_finish_and_be_stored() {
 }
 
 #[actix_web::test]
+async fn sigterm_still_stores_the_auction_of_a_supplier_that_hung_up() {
+    use std::io::Write;
+    let buyer = slow_sim(300, 1200);
+    let text = config(&data_dir(), "", &slow_campaign_and_buyer(&buyer));
+    let mut exchange = Exchange::start(&text, "text", "info").await;
+
+    // A supplier sends a lead and closes its socket before the answer.
+    let body = slow_lead().to_string();
+    let mut stream = TcpStream::connect(exchange.addr).unwrap();
+    write!(
+        stream,
+        "POST /api/leads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        exchange.addr,
+        body.len()
+    )
+    .unwrap();
+    stream.flush().unwrap();
+    eventually("the auction started", Duration::from_secs(10), || {
+        buyer.stats.pings() == 1
+    })
+    .await;
+    drop(stream);
+    exchange.process.signal(libc::SIGTERM);
+
+    let status = exchange
+        .process
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("leadex exits after the auction");
+    let log = exchange.log_text();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(buyer.stats.posts(), 1, "the auction went on to its post");
+    let lead_id = buyer.stats.post_bodies()[0]["lead_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let restarted = Exchange::start(&text, "text", "info").await;
+    let response = http()
+        .get(restarted.url(&format!("/api/leads/{lead_id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{lead_id} stored");
+    let stored: Value = response.json().await.unwrap();
+    assert_eq!(stored["status"], "sold", "{stored}");
+}
+
+#[actix_web::test]
 async fn a_second_signal_forces_the_exit() {
     // Auctions need over 5 s: only a forced stop ends them sooner.
     let buyer = slow_sim(300, 5000);
