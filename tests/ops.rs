@@ -863,8 +863,8 @@ async fn readyz_follows_storage_and_healthz_stays_alive() {
 
 #[actix_web::test]
 async fn sigterm_lets_fifty_auctions_in_flight_finish_and_be_stored() {
-    // Every auction takes about 1.5 s: a ping answered after 300 ms, a post after 1.2 s.
-    let buyer = slow_sim(300, 1200);
+    // Every auction takes about 2 s: a ping answered after 500 ms, a post after 1.5 s.
+    let buyer = slow_sim(500, 1500);
     let data = data_dir();
     let text = config(&data, "", &slow_campaign_and_buyer(&buyer));
     let mut exchange = Exchange::start(&text, "text", "info").await;
@@ -882,7 +882,7 @@ async fn sigterm_lets_fifty_auctions_in_flight_finish_and_be_stored() {
     })
     .await;
     assert_eq!(
-        buyer.stats.posts(),
+        buyer.stats.accepted(),
         0,
         "no auction finished before the signal"
     );
