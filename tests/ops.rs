@@ -1037,12 +1037,12 @@ async fn a_second_signal_forces_the_exit() {
         "a forced stop is not a clean exit:\n{log}"
     );
     assert!(log.contains("second signal"), "{log}");
-    // A cut-short request loses its connection or, if its auction ended as the store closed,
-    // gets a 503 to retry; never a 200 for a lead that was not stored.
+    // A cut-short request loses its connection or, if its auction ended as the store and
+    // the actors stopped, gets a 5xx; never a 200 for a lead that was not stored.
     for request in requests {
         match request.await.unwrap() {
             Err(_) => {}
-            Ok((status, body)) => assert_eq!(status, 503, "{body}\n{log}"),
+            Ok((status, body)) => assert!(status >= 500, "{status} {body}\n{log}"),
         }
     }
 }
@@ -1080,12 +1080,12 @@ async fn the_grace_period_forces_the_exit() {
     let log = exchange.log_text();
     assert_ne!(status.code(), Some(0), "{log}");
     assert!(log.contains("grace period over"), "{log}");
-    // A cut-short request loses its connection or, if its auction ended as the store closed,
-    // gets a 503 to retry; never a 200 for a lead that was not stored.
+    // A cut-short request loses its connection or, if its auction ended as the store and
+    // the actors stopped, gets a 5xx; never a 200 for a lead that was not stored.
     for request in requests {
         match request.await.unwrap() {
             Err(_) => {}
-            Ok((status, body)) => assert_eq!(status, 503, "{body}\n{log}"),
+            Ok((status, body)) => assert!(status >= 500, "{status} {body}\n{log}"),
         }
     }
 }
