@@ -318,6 +318,51 @@ fn unit_test_fires(tests: &str, alert: &str) -> bool {
 // ---------------------------------------------------------------------------------------
 // PromQL in dashboards and alerts
 
+/// The uid the provisioned datasource has and every dashboard panel names.
+const DATASOURCE_UID: &str = "prometheus";
+
+#[test]
+fn grafana_provisioning_loads_the_dashboards_from_the_prometheus_datasource() {
+    let datasource = std::fs::read_to_string(repo(
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+    ))
+    .unwrap();
+    assert!(
+        datasource.contains(&format!("uid: {DATASOURCE_UID}\n"))
+            && datasource.contains("type: prometheus\n"),
+        "{datasource}"
+    );
+    let provider =
+        std::fs::read_to_string(repo("deploy/grafana/provisioning/dashboards/leadex.yml")).unwrap();
+    assert!(provider.contains("type: file\n"), "{provider}");
+    assert!(
+        provider.contains("path: /var/lib/grafana/dashboards/leadex\n"),
+        "{provider}"
+    );
+    // Every dashboard has its own uid and title, and is reachable from the others' links.
+    let mut uids = HashSet::new();
+    for file in ["exchange.json", "buyers.json", "capacity.json"] {
+        let text =
+            std::fs::read_to_string(repo(&format!("deploy/grafana/dashboards/{file}"))).unwrap();
+        let dashboard: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            uids.insert(dashboard["uid"].as_str().unwrap().to_owned()),
+            "{file}"
+        );
+        assert!(
+            dashboard["title"]
+                .as_str()
+                .unwrap()
+                .starts_with("leadex / "),
+            "{file}"
+        );
+        assert_eq!(dashboard["tags"], json!(["leadex"]), "{file}");
+        assert_eq!(dashboard["links"][0]["tags"], json!(["leadex"]), "{file}");
+    }
+    // The datasource of every panel is the provisioned one.
+    assert!(dashboard_exprs().len() > 30);
+}
+
 /// Every PromQL expression of the dashboards: (where, expression). Template variable
 /// queries `label_values(metric, label)` contribute `metric`.
 fn dashboard_exprs() -> Vec<(String, String)> {
@@ -340,6 +385,13 @@ fn dashboard_exprs() -> Vec<(String, String)> {
             .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"));
         let mut panels = 0;
         for panel in dashboard["panels"].as_array().unwrap() {
+            if panel["type"] != "row" {
+                assert_eq!(
+                    panel["datasource"]["uid"], DATASOURCE_UID,
+                    "{name}: {}",
+                    panel["title"]
+                );
+            }
             for target in panel["targets"].as_array().into_iter().flatten() {
                 let expr = target["expr"].as_str().expect("every target has an expr");
                 exprs.push((format!("{name}: {}", panel["title"]), expr.to_owned()));
