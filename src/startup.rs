@@ -40,6 +40,8 @@ pub struct Application {
     server: Server,
     store: Arc<dyn LeadStore>,
     arbiters: Vec<Arbiter>,
+    /// How long a signal-started shutdown waits for requests in flight.
+    grace: Duration,
 }
 
 fn cores() -> usize {
@@ -120,6 +122,11 @@ impl Application {
                 })
                 .collect();
             let seller = campaign.seller.get_ref().to_ascii_uppercase();
+            telemetry::register_campaign_deadlines(
+                &id,
+                Duration::from_millis(campaign.ping_timeout_ms),
+                Duration::from_millis(campaign.post_timeout_ms),
+            );
             let settings = CampaignSettings {
                 id: id.clone(),
                 category: campaign.category.get_ref().trim().to_owned(),
@@ -221,7 +228,11 @@ impl Application {
             .workers(workers)
             .backlog(4096)
             .max_connections(50_000)
-            .shutdown_timeout(config.server.shutdown_grace_secs)
+            // Signals are handled in `run_until_stopped` (actix-web would swallow a second
+            // one). Its own timeout is only a backstop, one second behind ours, so the
+            // grace timer there decides and can report a forced stop.
+            .disable_signals()
+            .shutdown_timeout(config.server.shutdown_grace_secs + 1)
             .listen(listener)
             .map_err(|source| StartupError::Bind {
                 addr: addr.to_string(),
@@ -234,6 +245,7 @@ impl Application {
             server,
             store,
             arbiters,
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
     }
 
@@ -245,23 +257,92 @@ impl Application {
         self.addr.port()
     }
 
+    /// The store the app writes to; tests close it to see the node report itself unready.
+    pub fn store(&self) -> Arc<dyn LeadStore> {
+        self.store.clone()
+    }
+
     /// Stops the server gracefully (auctions in flight finish) when called.
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
     }
 
     /// Serves until stopped (SIGTERM/SIGINT or `handle().stop`), then makes storage durable
-    /// and stops the actors.
+    /// and stops the actors. A signal stops gracefully: the listener closes, requests in
+    /// flight (each waiting on its auction) finish and are stored. A second signal or the
+    /// end of the grace period cuts them short; that returns an error so the exit code says
+    /// the stop was not clean.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let served = self.server.await;
-        if let Err(e) = self.store.close().await {
+        let Application {
+            server,
+            store,
+            arbiters,
+            grace,
+            ..
+        } = self;
+        let handle = server.handle();
+        let mut server = Box::pin(server);
+        let mut signals = Signals::new()?;
+        let mut forced = false;
+        let served = tokio::select! {
+            served = &mut server => served,
+            signal = signals.next() => {
+                tracing::info!(signal, grace_secs = grace.as_secs(), "stopping: no new connections, finishing requests in flight");
+                // The stop command is sent when `stop` is called; its future only waits.
+                drop(handle.stop(true));
+                tokio::select! {
+                    served = &mut server => served,
+                    signal = signals.next() => {
+                        tracing::warn!(signal, "second signal: stopping without waiting");
+                        forced = true;
+                        Ok(())
+                    }
+                    () = tokio::time::sleep(grace) => {
+                        tracing::warn!(grace_secs = grace.as_secs(), "grace period over: stopping without waiting");
+                        forced = true;
+                        Ok(())
+                    }
+                }
+            }
+        };
+        // Dropping a server still stopping closes its connections at once.
+        drop(server);
+        if let Err(e) = store.close().await {
             tracing::error!(error = %e, "storage did not close cleanly");
         }
-        for arbiter in self.arbiters {
+        for arbiter in arbiters {
             arbiter.stop();
+        }
+        if forced {
+            return Err(std::io::Error::other(
+                "shutdown forced before every request in flight was answered",
+            ));
         }
         tracing::info!("leadex stopped");
         served
+    }
+}
+
+/// SIGTERM and SIGINT, each meaning "stop"; a second one means "stop now".
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 

@@ -29,6 +29,19 @@ pub const RATE_LIMIT_BACKEND_ERRORS: &str = "leadex_rate_limit_backend_errors_to
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "leadex_idempotent_replays_total";
 pub const OVERLOAD_REFUSALS_TOTAL: &str = "leadex_overload_refusals_total";
 pub const BUILD_INFO: &str = "leadex_build_info";
+pub const STORAGE_UP: &str = "leadex_storage_up";
+pub const RATE_LIMIT_BACKEND_UP: &str = "leadex_rate_limit_backend_up";
+pub const CAMPAIGN_PING_TIMEOUT: &str = "leadex_campaign_ping_timeout_seconds";
+pub const CAMPAIGN_AUCTION_DEADLINE: &str = "leadex_campaign_auction_deadline_seconds";
+
+/// Process metrics, read from `/proc/self` at each scrape (Linux only; elsewhere absent).
+pub const PROCESS_CPU_SECONDS: &str = "leadex_process_cpu_seconds_total";
+pub const PROCESS_RESIDENT_MEMORY: &str = "leadex_process_resident_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY: &str = "leadex_process_virtual_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "leadex_process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "leadex_process_max_fds";
+pub const PROCESS_THREADS: &str = "leadex_process_threads";
+pub const PROCESS_START_TIME: &str = "leadex_process_start_time_seconds";
 
 /// Outcome words of `leadex_leads_total`.
 pub const LEAD_OUTCOMES: [&str; 2] = ["sold", "pending"];
@@ -53,9 +66,11 @@ pub const POST_OUTCOMES: [&str; 7] = [
     "overloaded",
 ];
 
-/// Buckets for a millisecond-scale auction: 1 ms to 5 s.
-const LATENCY_BUCKETS: [f64; 16] = [
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
+/// Buckets for a millisecond-scale auction: 1 ms to 5 s, with steps around the usual
+/// deadlines (ping 300 ms, ping + post 2.3 s) so a p99 can be compared with them.
+const LATENCY_BUCKETS: [f64; 19] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0,
+    2.5, 3.0, 5.0,
 ];
 /// Sub-millisecond work (storage commits, limiter checks): 50 µs to 1 s.
 const FAST_BUCKETS: [f64; 14] = [
@@ -189,6 +204,24 @@ fn describe() {
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
+    describe_gauge!(
+        STORAGE_UP,
+        "1 when the store answered its health check at the last scrape, else 0."
+    );
+    describe_gauge!(
+        RATE_LIMIT_BACKEND_UP,
+        "1 when the rate-limit backend answered its health check at the last scrape, else 0 (the node then limits locally)."
+    );
+    describe_gauge!(
+        CAMPAIGN_PING_TIMEOUT,
+        Unit::Seconds,
+        "A campaign's ping deadline (ping_timeout_ms)."
+    );
+    describe_gauge!(
+        CAMPAIGN_AUCTION_DEADLINE,
+        Unit::Seconds,
+        "Longest a campaign's auction may take before its outcome is stored: ping_timeout_ms + post_timeout_ms."
+    );
 }
 
 /// Registers every counter at zero for the configured campaigns and buyers, so dashboards and
@@ -228,6 +261,176 @@ pub fn register_series<'a>(
     }
 }
 
+/// Exports a campaign's deadlines, so dashboards and alerts compare auction time with them.
+pub fn register_campaign_deadlines(
+    campaign: &str,
+    ping_timeout: std::time::Duration,
+    post_timeout: std::time::Duration,
+) {
+    let campaign = campaign.to_owned();
+    gauge!(CAMPAIGN_PING_TIMEOUT, "campaign" => campaign.clone()).set(ping_timeout.as_secs_f64());
+    gauge!(CAMPAIGN_AUCTION_DEADLINE, "campaign" => campaign)
+        .set((ping_timeout + post_timeout).as_secs_f64());
+}
+
+/// Records the backends' health as seen at this scrape.
+pub fn record_backend_health(storage_up: bool, rate_limit_backend: &'static str, limiter_up: bool) {
+    gauge!(STORAGE_UP).set(if storage_up { 1.0 } else { 0.0 });
+    gauge!(RATE_LIMIT_BACKEND_UP, "backend" => rate_limit_backend).set(if limiter_up {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// The Prometheus text of this process' CPU, memory, file descriptors, threads and start
+/// time, read from `/proc/self` now. Rendered by hand because `metrics` counters are integers
+/// and CPU seconds are not. Empty where `/proc` is not there.
+pub fn render_process_metrics() -> String {
+    let Some(stats) = process::read() else {
+        return String::new();
+    };
+    let mut out = String::with_capacity(1024);
+    let mut emit = |name: &str, kind: &str, help: &str, value: f64| {
+        use std::fmt::Write;
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+        );
+    };
+    emit(
+        PROCESS_CPU_SECONDS,
+        "counter",
+        "User and system CPU time spent, in seconds.",
+        stats.cpu_seconds,
+    );
+    emit(
+        PROCESS_RESIDENT_MEMORY,
+        "gauge",
+        "Resident memory size in bytes.",
+        stats.resident_bytes,
+    );
+    emit(
+        PROCESS_VIRTUAL_MEMORY,
+        "gauge",
+        "Virtual memory size in bytes.",
+        stats.virtual_bytes,
+    );
+    emit(
+        PROCESS_OPEN_FDS,
+        "gauge",
+        "Open file descriptors.",
+        stats.open_fds,
+    );
+    if let Some(max_fds) = stats.max_fds {
+        emit(
+            PROCESS_MAX_FDS,
+            "gauge",
+            "Limit on open file descriptors (soft).",
+            max_fds,
+        );
+    }
+    emit(PROCESS_THREADS, "gauge", "OS threads.", stats.threads);
+    emit(
+        PROCESS_START_TIME,
+        "gauge",
+        "Start time of the process since the Unix epoch, in seconds.",
+        stats.start_time_seconds,
+    );
+    out
+}
+
+mod process {
+    //! `/proc/self` parsing for the process metrics.
+
+    pub struct Stats {
+        pub cpu_seconds: f64,
+        pub resident_bytes: f64,
+        pub virtual_bytes: f64,
+        pub open_fds: f64,
+        pub max_fds: Option<f64>,
+        pub threads: f64,
+        pub start_time_seconds: f64,
+    }
+
+    pub fn read() -> Option<Stats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot_time = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|line| line.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|limits| max_open_files(&limits));
+        // SAFETY: sysconf only reads a configuration value.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if ticks <= 0 || page <= 0 {
+            return None;
+        }
+        parse_stat(&stat, ticks as f64, page as f64, boot_time).map(|mut stats| {
+            stats.open_fds = open_fds;
+            stats.max_fds = max_fds;
+            stats
+        })
+    }
+
+    /// Parses `/proc/self/stat`. The command name (field 2) may hold spaces and parentheses,
+    /// so fields are counted from its last `)`.
+    pub fn parse_stat(stat: &str, ticks: f64, page: f64, boot_time: f64) -> Option<Stats> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `fields[0]` is field 3 (state) of proc(5).
+        let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+        Some(Stats {
+            cpu_seconds: (field(14)? + field(15)?) / ticks,
+            threads: field(20)?,
+            start_time_seconds: boot_time + field(22)? / ticks,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page,
+            open_fds: 0.0,
+            max_fds: None,
+        })
+    }
+
+    fn max_open_files(limits: &str) -> Option<f64> {
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line["Max open files".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn stat_fields_are_counted_after_the_command_name() {
+            let stat = "4242 (lead ex) (x) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 7 0 1000 123456789 3000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+            let stats = parse_stat(stat, 100.0, 4096.0, 1_700_000_000.0).unwrap();
+            assert_eq!(stats.cpu_seconds, 3.0);
+            assert_eq!(stats.threads, 7.0);
+            assert_eq!(stats.start_time_seconds, 1_700_000_010.0);
+            assert_eq!(stats.virtual_bytes, 123_456_789.0);
+            assert_eq!(stats.resident_bytes, 3000.0 * 4096.0);
+        }
+
+        #[test]
+        fn max_open_files_is_the_soft_limit() {
+            let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
+            assert_eq!(max_open_files(limits), Some(1024.0));
+        }
+    }
+}
+
 /// Sets up `tracing` output once: `text` for people, `json` for log pipelines. The level comes
 /// from `RUST_LOG` (default `info`).
 pub fn init_logging(format: &str) {
@@ -241,13 +444,17 @@ pub fn init_logging_at(format: &str, default_level: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, never in files or log pipelines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            // The whole span list, so a line inside a nested span still carries the
+            // request id of the `request` span around it.
+            .with_span_list(true)
             .try_init()
     } else {
         builder.try_init()

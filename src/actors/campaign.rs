@@ -70,8 +70,7 @@ impl Handler<RunAuction> for CampaignActor {
 
     fn handle(&mut self, msg: RunAuction, _: &mut Context<Self>) -> Self::Result {
         let shared = self.shared.clone();
-        let span =
-            tracing::info_span!("auction", lead_id = %msg.lead_id, campaign = %shared.settings.id);
+        let span = tracing::info_span!(parent: &msg.request_span, "auction", lead_id = %msg.lead_id, campaign = %shared.settings.id);
         Box::pin(async move { shared.run(msg).await }.instrument(span))
     }
 }

@@ -21,6 +21,8 @@ pub struct RunAuction {
     pub lead: Arc<Lead>,
     /// The supplier's Idempotency-Key, stored with the outcome in the same commit.
     pub idempotency_key: Option<String>,
+    /// The request's span, parent of the auction's, so auction log lines carry the request id.
+    pub request_span: tracing::Span,
 }
 
 #[derive(Debug, thiserror::Error)]

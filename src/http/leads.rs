@@ -336,6 +336,7 @@ async fn submit_lead(
             created_at_ms: crate::clock::now_ms(),
             lead: Arc::new(lead),
             idempotency_key: idempotency,
+            request_span: tracing::Span::current(),
         })
         .await
         .map_err(|e| ApiError::Internal(format!("campaign {}: {e}", campaign.id)))?;

@@ -126,9 +126,16 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics_page(state: web::Data<AppState>) -> HttpResponse {
+    // Backend health is sampled per scrape, so alerts see an outage without polling /readyz.
+    let storage_up = state.store.ping().await.is_ok();
+    let limiter_up = state.limiter.healthy().await.is_ok();
+    telemetry::record_backend_health(storage_up, state.limiter.backend(), limiter_up);
+    let mut body = state.metrics.render();
+    body.push('\n');
+    body.push_str(&telemetry::render_process_metrics());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(body)
 }
 
 /// The supplier API's OpenAPI 3.1 document, kept in the repository and checked against real

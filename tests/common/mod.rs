@@ -251,3 +251,30 @@ impl TestApp {
         }
     }
 }
+
+impl TestApp {
+    /// As `spawn`, also handing out the app's store (to close it and watch the node go unready).
+    pub async fn spawn_with_store(
+        config_text: &str,
+    ) -> (TestApp, std::sync::Arc<dyn leadex::storage::LeadStore>) {
+        let config = Config::from_toml(config_text).expect("test config is valid");
+        let data = config.storage.path.clone();
+        let app = Application::build(config, None).await.expect("app builds");
+        let store = app.store();
+        let addr = app.addr();
+        let handle = app.handle();
+        let running = actix_rt::spawn(app.run_until_stopped());
+        let test_app = TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            handle,
+            data,
+            running: Some(running),
+        };
+        (test_app, store)
+    }
+}
