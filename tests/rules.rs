@@ -71,6 +71,13 @@ async fn wait_for_status(app: &TestApp, lead_id: &str, want: &str, within: Durat
     }
 }
 
+/// Longer ping and post deadlines, so 200 concurrent leads on a busy machine still get
+/// their bids in: these tests are about counting, not speed.
+fn roomy_deadlines(text: String) -> String {
+    text.replacen("ping_timeout_ms = 300", "ping_timeout_ms = 3000", 1)
+        .replacen("post_timeout_ms = 1000", "post_timeout_ms = 5000", 1)
+}
+
 #[actix_web::test]
 async fn each_filter_kind_decides_who_is_pinged() {
     // The lead: TX, zip 75001, homeowner yes, creditScore 700.
@@ -170,7 +177,7 @@ async fn a_daily_cap_of_10_holds_exactly_under_200_concurrent_leads() {
     let (capped, other) = (sim("30", 2), sim("10", 2));
     let buyers =
         ping_buyer("cap10", &capped, "daily_cap = 10") + &ping_buyer("cap10-other", &other, "");
-    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let app = TestApp::spawn(&roomy_deadlines(config(&data_dir(), "", &buyers))).await;
 
     let body = lead();
     let answers = futures::future::join_all((0..200).map(|_| app.post_lead(&body))).await;
@@ -204,7 +211,7 @@ async fn a_daily_budget_holds_exactly_in_money_under_concurrency() {
     let (spender, other) = (sim("30", 2), sim("10", 2));
     let buyers = ping_buyer("budget100", &spender, "daily_budget = 100")
         + &ping_buyer("budget-other", &other, "");
-    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let app = TestApp::spawn(&roomy_deadlines(config(&data_dir(), "", &buyers))).await;
     let body = lead();
     let answers = futures::future::join_all((0..200).map(|_| app.post_lead(&body))).await;
     let spent: f64 = answers

@@ -42,12 +42,13 @@ impl BuyerHealth {
 
     /// May the buyer be sent a request now? A `Probe` is the one request that decides.
     pub fn permit(&self) -> Permit {
-        let permit = self
-            .breaker
-            .lock()
-            .expect("breaker")
-            .permit(self.clock.now_ms());
-        if permit == Permit::Probe {
+        let (before, permit) = {
+            let mut breaker = self.breaker.lock().expect("breaker");
+            let before = breaker.state();
+            (before, breaker.permit(self.clock.now_ms()))
+        };
+        // A lost probe replaced in half-open is no change of state.
+        if permit == Permit::Probe && before == BreakerState::Open {
             self.changed(BreakerState::HalfOpen);
         }
         permit

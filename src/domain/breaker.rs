@@ -83,9 +83,13 @@ impl Breaker {
     }
 
     /// Records an answer (`true`) or a timeout/error (`false`); returns the new state when
-    /// it changed.
+    /// it changed. While open, late outcomes of requests sent before it opened are ignored:
+    /// only the probe decides.
     pub fn record(&mut self, success: bool, now_ms: i64) -> Option<BreakerState> {
         let before = self.state;
+        if before == BreakerState::Open {
+            return None;
+        }
         if success {
             self.consecutive_failures = 0;
             self.state = BreakerState::Closed;
@@ -145,6 +149,20 @@ mod tests {
         assert_eq!(b.record(false, 600), Some(BreakerState::Open));
         assert_eq!(b.permit(1099), Permit::Denied);
         assert_eq!(b.permit(1100), Permit::Probe);
+    }
+
+    #[test]
+    fn late_outcomes_while_open_change_nothing() {
+        let mut b = Breaker::new(1, 1000);
+        b.record(false, 0);
+        assert_eq!(b.record(true, 10), None);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            b.permit(500),
+            Permit::Denied,
+            "the cooldown still runs from the opening"
+        );
+        assert_eq!(b.permit(1000), Permit::Probe);
     }
 
     #[test]
