@@ -962,4 +962,23 @@ post_url = "http://127.0.0.1:9001/post"
         let err = Config::from_toml(&unknown).unwrap_err().to_string();
         assert!(err.contains("greater") && err.contains("line 24"), "{err}");
     }
+
+    #[test]
+    fn accept_value_true_is_the_default_boolean_and_direct_buyers_take_no_bid_path() {
+        let text = format!(
+            "{BASE}accept_value = true\n\n[[buyers]]\nid = \"direct\"\ncampaigns = [\"acme-auto\"]\npost_url = \"http://127.0.0.1:1/p\"\nfixed_price = 3\nbid_path = \"x\"\n"
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("buyers.bid_path/token_path (buyer `direct`, line 27)"),
+            "{err}"
+        );
+        let config = Config::from_toml(&format!("{BASE}accept_value = true\n")).unwrap();
+        assert_eq!(config.buyers[0].reply_mapping(), ReplyMapping::default());
+        let config = Config::from_toml(&format!("{BASE}accept_value = 1\n")).unwrap();
+        assert_eq!(
+            config.buyers[0].reply_mapping().accept_value.as_deref(),
+            Some("1")
+        );
+    }
 }

@@ -16,13 +16,12 @@ use crate::actors::{
     BuyerActor, BuyerHealth, BuyerSettings, CampaignActor, CampaignBuyer, CampaignServices,
     CampaignSettings,
 };
-use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_RETRY_INTERVAL_SECS};
 use crate::coord::{MemoryCoordinator, SharedCoordinator};
 use crate::domain::AuctionRules;
 use crate::domain::campaign::PendingPolicy;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
-use crate::ratelimit::{Limit, MemoryLimiter, SharedLimiter};
+use crate::ratelimit::{Clock, Limit, MemoryLimiter, SharedLimiter};
 use crate::storage::LeadStore;
 use crate::storage::embedded::EmbeddedStore;
 use crate::telemetry;
@@ -61,7 +60,7 @@ impl Application {
         config: Config,
         listen_override: Option<&str>,
     ) -> Result<Application, StartupError> {
-        Application::build_with_clock(config, listen_override, Clock::system()).await
+        Application::build_with_clock(config, listen_override, crate::clock::Clock::system()).await
     }
 
     /// As `build`, with the clock the marketplace rules (caps, schedules, dedupe, pending
@@ -69,7 +68,7 @@ impl Application {
     pub async fn build_with_clock(
         config: Config,
         listen_override: Option<&str>,
-        clock: Clock,
+        clock: crate::clock::Clock,
     ) -> Result<Application, StartupError> {
         let listen = listen_override.unwrap_or(&config.server.listen).to_owned();
         let listener = TcpListener::bind(&listen).map_err(|source| StartupError::Bind {
@@ -91,7 +90,7 @@ impl Application {
             &config.storage.path,
             config.storage.group_commit_max,
         )?);
-        let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(crate::ratelimit::Clock::tokio()));
+        let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
         let coord: SharedCoordinator = Arc::new(MemoryCoordinator::new(store.clone()));
         let webhooks = WebhookSender::new(
             config
