@@ -8,7 +8,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use jiff::tz::TimeZone;
+
+use crate::buyers::ReplyMapping;
 use crate::domain::Price;
+use crate::domain::campaign::BuyerRules;
+use crate::domain::caps::CapRules;
+use crate::domain::filters::{FieldFilter, FilterValue, LeadFilter};
+use crate::domain::lead::UsState;
+use crate::domain::schedule::{Schedule, ScheduleWindow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -182,6 +190,15 @@ pub struct CampaignConfig {
     pub floor_price: Price,
     #[serde(default = "default_max_buyers")]
     pub max_buyers: usize,
+    /// Refuse a lead whose phone or email the campaign accepted within this many days.
+    #[serde(default)]
+    pub dedupe_days: Option<u32>,
+    /// How long a pending lead is auctioned again before it is given up as unsold.
+    #[serde(default)]
+    pub pending_ttl_secs: Option<u64>,
+    /// Time between auctions of a pending lead (default 60 s, needs `pending_ttl_secs`).
+    #[serde(default)]
+    pub retry_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +219,208 @@ pub struct BuyerConfig {
     /// Requests to this buyer in flight at once; past it the buyer is skipped (no bid).
     #[serde(default = "default_buyer_in_flight")]
     pub max_in_flight: usize,
+    /// Only leads from these states (two-letter codes).
+    #[serde(default)]
+    pub states: Vec<Spanned<String>>,
+    /// Only leads whose five-digit ZIP starts with one of these.
+    #[serde(default)]
+    pub zip_prefixes: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub filters: Vec<Spanned<FilterConfig>>,
+    #[serde(default)]
+    pub hourly_cap: Option<u32>,
+    #[serde(default)]
+    pub daily_cap: Option<u32>,
+    #[serde(default)]
+    pub daily_budget: Option<Price>,
+    /// IANA name; caps, budgets and the schedule are counted in it.
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    pub schedule: Vec<Spanned<String>>,
+    /// Where the bid is in the buyer's ping reply (dotted path; default `bid`).
+    #[serde(default)]
+    pub bid_path: Option<String>,
+    #[serde(default)]
+    pub token_path: Option<String>,
+    /// Where the acceptance is in the post reply (default `accepted`).
+    #[serde(default)]
+    pub accept_path: Option<String>,
+    /// The value at `accept_path` meaning bought (default boolean `true`).
+    #[serde(default)]
+    pub accept_value: Option<ScalarConfig>,
+    /// Consecutive timeouts or errors that open the buyer's breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the buyer out before one probe decides.
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_secs: u64,
+}
+
+/// A number, string or boolean as written in the config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ScalarConfig {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl ScalarConfig {
+    fn to_filter_value(&self) -> FilterValue {
+        match self {
+            ScalarConfig::Bool(b) => FilterValue::Bool(*b),
+            ScalarConfig::Int(i) => FilterValue::Number(*i as f64),
+            ScalarConfig::Float(f) => FilterValue::Number(*f),
+            ScalarConfig::Text(t) => FilterValue::Text(t.clone()),
+        }
+    }
+
+    fn to_text(&self) -> String {
+        match self {
+            ScalarConfig::Bool(b) => b.to_string(),
+            ScalarConfig::Int(i) => i.to_string(),
+            ScalarConfig::Float(f) => f.to_string(),
+            ScalarConfig::Text(t) => t.clone(),
+        }
+    }
+}
+
+/// One entry of a buyer's `filters`: a lead field and the conditions it must meet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub field: String,
+    #[serde(default)]
+    pub equals: Option<ScalarConfig>,
+    #[serde(default, rename = "in")]
+    pub one_of: Option<Vec<ScalarConfig>>,
+    #[serde(default)]
+    pub not_in: Option<Vec<ScalarConfig>>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub exists: Option<bool>,
+}
+
+impl FilterConfig {
+    fn to_filter(&self) -> FieldFilter {
+        let list = |v: &Option<Vec<ScalarConfig>>| {
+            v.as_ref()
+                .map(|items| items.iter().map(ScalarConfig::to_filter_value).collect())
+        };
+        FieldFilter {
+            field: self.field.trim().to_owned(),
+            equals: self.equals.as_ref().map(ScalarConfig::to_filter_value),
+            one_of: list(&self.one_of),
+            none_of: list(&self.not_in),
+            min: self.min,
+            max: self.max,
+            exists: self.exists,
+        }
+    }
+
+    fn problem(&self) -> Option<&'static str> {
+        if self.field.trim().is_empty() {
+            return Some("`field` is empty");
+        }
+        let set = [
+            self.equals.is_some(),
+            self.one_of.is_some(),
+            self.not_in.is_some(),
+            self.min.is_some(),
+            self.max.is_some(),
+            self.exists.is_some(),
+        ];
+        if !set.contains(&true) {
+            return Some("needs one of equals, in, not_in, min, max, exists");
+        }
+        if self.one_of.as_ref().is_some_and(Vec::is_empty) {
+            return Some("`in` is empty, so no lead could pass");
+        }
+        if [self.min, self.max]
+            .iter()
+            .flatten()
+            .any(|v| !v.is_finite())
+        {
+            return Some("min and max must be finite numbers");
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max)
+            && min > max
+        {
+            return Some("min is above max");
+        }
+        None
+    }
+}
+
+impl BuyerConfig {
+    /// The buyer's time zone; valid once the config is validated.
+    pub fn time_zone(&self) -> Result<TimeZone, String> {
+        match &self.timezone {
+            None => Ok(TimeZone::UTC),
+            Some(name) => TimeZone::get(name.get_ref().trim()).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The marketplace rules of this buyer as domain values (call on a validated config).
+    pub fn rules(&self) -> BuyerRules {
+        BuyerRules {
+            filter: LeadFilter {
+                states: self
+                    .states
+                    .iter()
+                    .map(|s| s.get_ref().trim().to_ascii_uppercase())
+                    .collect(),
+                zip_prefixes: self
+                    .zip_prefixes
+                    .iter()
+                    .map(|z| z.get_ref().trim().to_owned())
+                    .collect(),
+                fields: self
+                    .filters
+                    .iter()
+                    .map(|f| f.get_ref().to_filter())
+                    .collect(),
+            },
+            schedule: (!self.schedule.is_empty())
+                .then(|| {
+                    Schedule::parse(
+                        &self
+                            .schedule
+                            .iter()
+                            .map(|s| s.get_ref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .ok()
+                })
+                .flatten(),
+            caps: CapRules {
+                hourly_cap: self.hourly_cap,
+                daily_cap: self.daily_cap,
+                daily_budget: self.daily_budget,
+            },
+            timezone: self.time_zone().unwrap_or(TimeZone::UTC),
+        }
+    }
+
+    /// Where the exchange reads bids, tokens and acceptance in this buyer's replies.
+    pub fn reply_mapping(&self) -> ReplyMapping {
+        let default = ReplyMapping::default();
+        ReplyMapping {
+            bid_path: self.bid_path.clone().unwrap_or(default.bid_path),
+            token_path: self.token_path.clone().unwrap_or(default.token_path),
+            accept_path: self.accept_path.clone().unwrap_or(default.accept_path),
+            accept_value: self
+                .accept_value
+                .as_ref()
+                .map(ScalarConfig::to_text)
+                .filter(|v| v != "true"),
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -255,6 +474,14 @@ fn default_max_buyers() -> usize {
 fn default_buyer_in_flight() -> usize {
     1024
 }
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> u64 {
+    30
+}
+/// Time between auctions of a pending lead when only `pending_ttl_secs` is set.
+pub const DEFAULT_RETRY_INTERVAL_SECS: u64 = 60;
 
 /// Line (1-based) of a byte offset in the source text.
 fn line_of(source: &str, offset: usize) -> usize {
@@ -388,6 +615,30 @@ impl Config {
             {
                 problems.push(format!("suppliers.rate_limit (supplier `{id}`): requests and window_secs must be at least 1"));
             }
+            match (&supplier.webhook_url, &supplier.webhook_secret) {
+                (Some(url), secret) => {
+                    if reqwest::Url::parse(url)
+                        .map(|u| !matches!(u.scheme(), "http" | "https"))
+                        .unwrap_or(true)
+                    {
+                        problems.push(format!(
+                            "suppliers.webhook_url (supplier `{id}`, line {}): `{url}` is not an http(s) URL",
+                            at(&supplier.id)
+                        ));
+                    }
+                    if secret.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                        problems.push(format!(
+                            "suppliers.webhook_secret (supplier `{id}`, line {}): needed with webhook_url, to sign the calls",
+                            at(&supplier.id)
+                        ));
+                    }
+                }
+                (None, Some(_)) => problems.push(format!(
+                    "suppliers.webhook_secret (supplier `{id}`, line {}): set without webhook_url",
+                    at(&supplier.id)
+                )),
+                (None, None) => {}
+            }
         }
 
         let mut campaign_ids = HashSet::new();
@@ -428,6 +679,24 @@ impl Config {
             if campaign.max_buyers == 0 {
                 problems.push(format!(
                     "campaigns.max_buyers (campaign `{id}`): must be at least 1"
+                ));
+            }
+            if campaign.dedupe_days == Some(0) {
+                problems.push(format!(
+                    "campaigns.dedupe_days (campaign `{id}`, line {}): must be at least 1 (leave it out for no dedupe)",
+                    at(&campaign.id)
+                ));
+            }
+            if campaign.pending_ttl_secs == Some(0) || campaign.retry_interval_secs == Some(0) {
+                problems.push(format!(
+                    "campaigns.pending_ttl_secs/retry_interval_secs (campaign `{id}`, line {}): must be at least 1",
+                    at(&campaign.id)
+                ));
+            }
+            if campaign.retry_interval_secs.is_some() && campaign.pending_ttl_secs.is_none() {
+                problems.push(format!(
+                    "campaigns.retry_interval_secs (campaign `{id}`, line {}): needs pending_ttl_secs (without a TTL a pending lead stays pending)",
+                    at(&campaign.id)
                 ));
             }
         }
@@ -481,6 +750,7 @@ impl Config {
                     "buyers.max_in_flight (buyer `{id}`): must be at least 1"
                 ));
             }
+            self.validate_rules(buyer, source, &mut problems);
         }
 
         if problems.is_empty() {
@@ -489,6 +759,99 @@ impl Config {
             Err(ConfigError::Invalid(problems.join("\n")))
         }
     }
+
+    /// Filters, caps, time zone, schedule, reply mapping and breaker settings of one buyer.
+    fn validate_rules(&self, buyer: &BuyerConfig, source: &str, problems: &mut Vec<String>) {
+        let id = buyer.id.get_ref();
+        let line = |span: std::ops::Range<usize>| line_of(source, span.start);
+        for state in &buyer.states {
+            if UsState::parse(state.get_ref()).is_none() {
+                problems.push(format!(
+                    "buyers.states `{}` (buyer `{id}`, line {}): not a US state code",
+                    state.get_ref(),
+                    line(state.span())
+                ));
+            }
+        }
+        for prefix in &buyer.zip_prefixes {
+            let p = prefix.get_ref().trim();
+            if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
+                problems.push(format!(
+                    "buyers.zip_prefixes `{}` (buyer `{id}`, line {}): 1 to 5 digits",
+                    prefix.get_ref(),
+                    line(prefix.span())
+                ));
+            }
+        }
+        for filter in &buyer.filters {
+            if let Some(why) = filter.get_ref().problem() {
+                problems.push(format!(
+                    "buyers.filters (buyer `{id}`, field `{}`, line {}): {why}",
+                    filter.get_ref().field,
+                    line(filter.span())
+                ));
+            }
+        }
+        if let Some(tz) = &buyer.timezone
+            && buyer.time_zone().is_err()
+        {
+            problems.push(format!(
+                "buyers.timezone `{}` (buyer `{id}`, line {}): not an IANA time zone name like America/Chicago",
+                tz.get_ref(),
+                line(tz.span())
+            ));
+        }
+        for window in &buyer.schedule {
+            if let Err(e) = ScheduleWindow::parse(window.get_ref()) {
+                problems.push(format!(
+                    "buyers.schedule (buyer `{id}`, line {}): {e}",
+                    line(window.span())
+                ));
+            }
+        }
+        if buyer.hourly_cap == Some(0) || buyer.daily_cap == Some(0) {
+            problems.push(format!(
+                "buyers.hourly_cap/daily_cap (buyer `{id}`, line {}): must be at least 1 (leave it out for no cap)",
+                at_id(source, buyer)
+            ));
+        }
+        if buyer.daily_budget.is_some_and(|b| b.is_zero()) {
+            problems.push(format!(
+                "buyers.daily_budget (buyer `{id}`, line {}): must be above 0 (leave it out for no budget)",
+                at_id(source, buyer)
+            ));
+        }
+        for (key, path) in [
+            ("bid_path", &buyer.bid_path),
+            ("token_path", &buyer.token_path),
+            ("accept_path", &buyer.accept_path),
+        ] {
+            if let Some(path) = path
+                && (path.trim().is_empty() || path.split('.').any(str::is_empty))
+            {
+                problems.push(format!(
+                    "buyers.{key} `{path}` (buyer `{id}`, line {}): a dotted path like data.offer.price",
+                    at_id(source, buyer)
+                ));
+            }
+        }
+        if buyer.fixed_price.is_some() && (buyer.bid_path.is_some() || buyer.token_path.is_some()) {
+            problems.push(format!(
+                "buyers.bid_path/token_path (buyer `{id}`, line {}): a direct-post buyer is never pinged",
+                at_id(source, buyer)
+            ));
+        }
+        if buyer.breaker_failures == 0 {
+            problems.push(format!(
+                "buyers.breaker_failures (buyer `{id}`, line {}): must be at least 1",
+                at_id(source, buyer)
+            ));
+        }
+    }
+}
+
+fn at_id(source: &str, buyer: &BuyerConfig) -> usize {
+    line_of(source, buyer.id.span().start)
 }
 
 #[cfg(test)]
@@ -555,6 +918,67 @@ post_url = "http://127.0.0.1:9001/post"
         assert!(
             err.contains("campaigns.seller `ZZZZ0000` (campaign `c2`, line 33)"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn marketplace_rules_load_into_domain_values() {
+        let text = format!(
+            "{BASE}states = [\"tx\", \"CA\"]\nzip_prefixes = [\"750\"]\nfilters = [{{ field = \"homeowner\", in = [\"yes\"] }}, {{ field = \"creditScore\", min = 600 }}]\nhourly_cap = 2\ndaily_cap = 10\ndaily_budget = 250.5\ntimezone = \"America/Chicago\"\nschedule = [\"mon-fri 08:00-20:00\"]\nbid_path = \"data.offer.price\"\naccept_path = \"result\"\naccept_value = \"success\"\nbreaker_failures = 3\n"
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let buyer = &config.buyers[0];
+        let rules = buyer.rules();
+        assert_eq!(rules.filter.states, vec!["TX", "CA"]);
+        assert_eq!(rules.filter.fields.len(), 2);
+        assert_eq!(rules.filter.fields[1].min, Some(600.0));
+        assert_eq!(rules.caps.daily_budget, Some(Price::from_cents(25050)));
+        assert_eq!(rules.timezone.iana_name(), Some("America/Chicago"));
+        assert!(rules.schedule.is_some());
+        let mapping = buyer.reply_mapping();
+        assert_eq!(mapping.bid_path, "data.offer.price");
+        assert_eq!(mapping.token_path, "token");
+        assert_eq!(mapping.accept_value.as_deref(), Some("success"));
+        assert_eq!(buyer.breaker_failures, 3);
+        assert_eq!(buyer.breaker_cooldown_secs, 30);
+    }
+
+    #[test]
+    fn bad_rules_are_named_with_key_and_line() {
+        let text = format!(
+            "{BASE}timezone = \"Mars/Olympus\"\nschedule = [\"mon-fri 08:00-20:00\", \"funday 10:00-12:00\"]\nfilters = [{{ field = \"creditScore\" }}]\nstates = [\"XX\"]\n\n[[campaigns]]\nid = \"c2\"\nseller = \"ACME1234\"\ncategory = \"Solar\"\nretry_interval_secs = 5\n"
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        for expected in [
+            "buyers.timezone `Mars/Olympus` (buyer `buyer-a`, line 24)",
+            "buyers.schedule (buyer `buyer-a`, line 25): `funday 10:00-12:00`",
+            "buyers.filters (buyer `buyer-a`, field `creditScore`, line 26): needs one of",
+            "buyers.states `XX` (buyer `buyer-a`, line 27)",
+            "campaigns.retry_interval_secs (campaign `c2`, line 30): needs pending_ttl_secs",
+        ] {
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+        let unknown = format!("{BASE}filters = [{{ field = \"a\", greater = 3 }}]\n");
+        let err = Config::from_toml(&unknown).unwrap_err().to_string();
+        assert!(err.contains("greater") && err.contains("line 24"), "{err}");
+    }
+
+    #[test]
+    fn accept_value_true_is_the_default_boolean_and_direct_buyers_take_no_bid_path() {
+        let text = format!(
+            "{BASE}accept_value = true\n\n[[buyers]]\nid = \"direct\"\ncampaigns = [\"acme-auto\"]\npost_url = \"http://127.0.0.1:1/p\"\nfixed_price = 3\nbid_path = \"x\"\n"
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("buyers.bid_path/token_path (buyer `direct`, line 27)"),
+            "{err}"
+        );
+        let config = Config::from_toml(&format!("{BASE}accept_value = true\n")).unwrap();
+        assert_eq!(config.buyers[0].reply_mapping(), ReplyMapping::default());
+        let config = Config::from_toml(&format!("{BASE}accept_value = 1\n")).unwrap();
+        assert_eq!(
+            config.buyers[0].reply_mapping().accept_value.as_deref(),
+            Some("1")
         );
     }
 }

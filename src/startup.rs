@@ -12,15 +12,20 @@ use actix_web::{HttpServer, web};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::actors::{BuyerActor, BuyerSettings, CampaignActor, CampaignBuyer, CampaignSettings};
-use crate::buyers::ReplyMapping;
-use crate::config::Config;
+use crate::actors::{
+    BuyerActor, BuyerHealth, BuyerSettings, CampaignActor, CampaignBuyer, CampaignServices,
+    CampaignSettings,
+};
+use crate::config::{Config, DEFAULT_RETRY_INTERVAL_SECS};
+use crate::coord::{MemoryCoordinator, SharedCoordinator};
 use crate::domain::AuctionRules;
+use crate::domain::campaign::PendingPolicy;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
 use crate::ratelimit::{Clock, Limit, MemoryLimiter, SharedLimiter};
 use crate::storage::LeadStore;
 use crate::storage::embedded::EmbeddedStore;
 use crate::telemetry;
+use crate::webhooks::{WebhookSender, WebhookTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -57,6 +62,16 @@ impl Application {
         config: Config,
         listen_override: Option<&str>,
     ) -> Result<Application, StartupError> {
+        Application::build_with_clock(config, listen_override, crate::clock::Clock::system()).await
+    }
+
+    /// As `build`, with the clock the marketplace rules (caps, schedules, dedupe, pending
+    /// retries, breakers) read; tests pass a manual one to cross local midnight at will.
+    pub async fn build_with_clock(
+        config: Config,
+        listen_override: Option<&str>,
+        clock: crate::clock::Clock,
+    ) -> Result<Application, StartupError> {
         let listen = listen_override.unwrap_or(&config.server.listen).to_owned();
         let listener = TcpListener::bind(&listen).map_err(|source| StartupError::Bind {
             addr: listen.clone(),
@@ -78,6 +93,22 @@ impl Application {
             config.storage.group_commit_max,
         )?);
         let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
+        let coord: SharedCoordinator = Arc::new(MemoryCoordinator::new(store.clone()));
+        let webhooks = WebhookSender::new(
+            config
+                .suppliers
+                .iter()
+                .filter_map(|s| {
+                    Some((
+                        s.id.get_ref().clone(),
+                        WebhookTarget {
+                            url: s.webhook_url.clone()?,
+                            secret: s.webhook_secret.clone()?,
+                        },
+                    ))
+                })
+                .collect(),
+        );
 
         // Actors live on a pool of arbiters (one per core) so buyer I/O spreads over cores.
         let arbiters: Vec<Arbiter> = (0..cores()).map(|_| Arbiter::new()).collect();
@@ -88,8 +119,14 @@ impl Application {
             handle
         };
 
-        let mut buyer_addrs: HashMap<String, Addr<BuyerActor>> = HashMap::new();
+        let mut buyer_addrs: HashMap<String, (Addr<BuyerActor>, Arc<BuyerHealth>)> = HashMap::new();
         for buyer in &config.buyers {
+            let health = Arc::new(BuyerHealth::new(
+                buyer.id.get_ref(),
+                buyer.breaker_failures,
+                Duration::from_secs(buyer.breaker_cooldown_secs),
+                clock.clone(),
+            ));
             let actor = BuyerActor::new(BuyerSettings {
                 id: buyer.id.get_ref().clone(),
                 ping_url: buyer.ping_url.clone(),
@@ -100,11 +137,12 @@ impl Application {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 max_in_flight: buyer.max_in_flight,
-                mapping: ReplyMapping::default(),
+                mapping: buyer.reply_mapping(),
+                health: health.clone(),
             })
             .map_err(StartupError::Invalid)?;
             let addr = BuyerActor::start_in_arbiter(&place(), move |_| actor);
-            buyer_addrs.insert(buyer.id.get_ref().clone(), addr);
+            buyer_addrs.insert(buyer.id.get_ref().clone(), (addr, health));
         }
 
         let mut campaigns = HashMap::new();
@@ -116,9 +154,11 @@ impl Application {
                 .filter(|b| b.campaigns.iter().any(|c| c.get_ref() == &id))
                 .map(|b| CampaignBuyer {
                     id: b.id.get_ref().clone(),
-                    addr: buyer_addrs[b.id.get_ref()].clone(),
+                    addr: buyer_addrs[b.id.get_ref()].0.clone(),
                     fixed_price: b.fixed_price,
                     floor: b.floor_price,
+                    rules: Arc::new(b.rules()),
+                    health: buyer_addrs[b.id.get_ref()].1.clone(),
                 })
                 .collect();
             let seller = campaign.seller.get_ref().to_ascii_uppercase();
@@ -139,10 +179,24 @@ impl Application {
                     max_buyers: campaign.max_buyers,
                 },
                 buyers,
+                dedupe_days: campaign.dedupe_days,
+                pending: campaign.pending_ttl_secs.map(|ttl| PendingPolicy {
+                    ttl_ms: ttl as i64 * 1000,
+                    retry_interval_ms: campaign
+                        .retry_interval_secs
+                        .unwrap_or(DEFAULT_RETRY_INTERVAL_SECS)
+                        as i64
+                        * 1000,
+                }),
             };
-            let actor_store = store.clone();
+            let services = CampaignServices {
+                store: store.clone(),
+                coord: coord.clone(),
+                clock: clock.clone(),
+                webhooks: webhooks.clone(),
+            };
             let addr = CampaignActor::start_in_arbiter(&place(), move |_| {
-                CampaignActor::new(settings, actor_store)
+                CampaignActor::new(settings, services)
             });
             campaigns.insert(
                 (seller, campaign.category.get_ref().trim().to_lowercase()),

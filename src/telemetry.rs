@@ -42,6 +42,20 @@ pub const PROCESS_OPEN_FDS: &str = "leadex_process_open_fds";
 pub const PROCESS_MAX_FDS: &str = "leadex_process_max_fds";
 pub const PROCESS_THREADS: &str = "leadex_process_threads";
 pub const PROCESS_START_TIME: &str = "leadex_process_start_time_seconds";
+pub const BUYER_SKIPPED_TOTAL: &str = "leadex_buyer_skipped_total";
+pub const BUYER_BREAKER_STATE: &str = "leadex_buyer_breaker_state";
+pub const DUPLICATES_TOTAL: &str = "leadex_duplicate_leads_total";
+pub const PENDING_RESOLVED_TOTAL: &str = "leadex_pending_resolved_total";
+pub const REAUCTIONS_TOTAL: &str = "leadex_reauctions_total";
+pub const WEBHOOKS_TOTAL: &str = "leadex_webhooks_total";
+
+/// Why a buyer was left out of an auction (`leadex_buyer_skipped_total`).
+pub const SKIP_REASONS: [&str; 4] = ["filtered", "outside_schedule", "capped", "breaker_open"];
+/// How a pending lead ended (`leadex_pending_resolved_total`).
+pub const PENDING_OUTCOMES: [&str; 2] = ["sold", "unsold"];
+/// Outcome words of `leadex_webhooks_total`: delivered, a failed try that will be retried,
+/// or given up after the last try.
+pub const WEBHOOK_OUTCOMES: [&str; 3] = ["delivered", "retry", "failed"];
 
 /// Outcome words of `leadex_leads_total`.
 pub const LEAD_OUTCOMES: [&str; 2] = ["sold", "pending"];
@@ -200,6 +214,30 @@ fn describe() {
         OVERLOAD_REFUSALS_TOTAL,
         "Leads refused with 503 because the node was at its auction limit."
     );
+    describe_counter!(
+        BUYER_SKIPPED_TOTAL,
+        "Buyers left out of an auction, by buyer and reason (filtered, outside_schedule, capped, breaker_open)."
+    );
+    describe_gauge!(
+        BUYER_BREAKER_STATE,
+        "A buyer's circuit breaker: 0 closed, 1 open, 2 half-open (one probe decides)."
+    );
+    describe_counter!(
+        DUPLICATES_TOTAL,
+        "Leads refused with 409 as duplicates, by campaign."
+    );
+    describe_counter!(
+        PENDING_RESOLVED_TOTAL,
+        "Pending leads later sold or given up as unsold, by campaign and outcome."
+    );
+    describe_counter!(
+        REAUCTIONS_TOTAL,
+        "Auctions run again for pending leads, by campaign."
+    );
+    describe_counter!(
+        WEBHOOKS_TOTAL,
+        "Supplier webhook calls by outcome (delivered, retry, failed)."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
@@ -238,8 +276,17 @@ pub fn register_series<'a>(
     counter!(IDEMPOTENT_REPLAYS_TOTAL).absolute(0);
     counter!(OVERLOAD_REFUSALS_TOTAL).absolute(0);
     gauge!(AUCTIONS_IN_FLIGHT).increment(0.0);
+    for outcome in WEBHOOK_OUTCOMES {
+        counter!(WEBHOOKS_TOTAL, "outcome" => outcome).increment(0);
+    }
     for campaign in campaigns {
         let campaign = campaign.to_owned();
+        counter!(DUPLICATES_TOTAL, "campaign" => campaign.clone()).increment(0);
+        counter!(REAUCTIONS_TOTAL, "campaign" => campaign.clone()).increment(0);
+        for outcome in PENDING_OUTCOMES {
+            counter!(PENDING_RESOLVED_TOTAL, "campaign" => campaign.clone(), "outcome" => outcome)
+                .increment(0);
+        }
         for outcome in LEAD_OUTCOMES {
             counter!(LEADS_TOTAL, "campaign" => campaign.clone(), "outcome" => outcome)
                 .increment(0);
@@ -258,6 +305,11 @@ pub fn register_series<'a>(
         }
         counter!(BUYER_POST_VALUE, "buyer" => buyer.clone()).increment(0);
         gauge!(BUYER_IN_FLIGHT, "buyer" => buyer.clone()).increment(0.0);
+        for reason in SKIP_REASONS {
+            counter!(BUYER_SKIPPED_TOTAL, "buyer" => buyer.clone(), "reason" => reason)
+                .increment(0);
+        }
+        gauge!(BUYER_BREAKER_STATE, "buyer" => buyer.clone()).increment(0.0);
     }
 }
 

@@ -1,8 +1,8 @@
 //! One actor per buyer: owns the buyer's pooled keep-alive HTTP client, caps its requests in
 //! flight, and reports every ping and post outcome. Protocol decisions live in `buyers/`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Actor, Context, Handler, ResponseFuture};
@@ -13,7 +13,87 @@ use tokio::time::Instant;
 
 use super::messages::{Ping, PingResult, Post, PostResult};
 use crate::buyers::{self, NoBid, PingReply, PostReply, Refusal, ReplyMapping};
+use crate::clock::Clock;
+use crate::domain::breaker::{Breaker, BreakerState, Permit};
 use crate::telemetry;
+
+/// A buyer's circuit breaker, shared by the buyer's actor (which records outcomes) and the
+/// campaigns (which ask before pinging). Changes are logged and exported as a gauge.
+pub struct BuyerHealth {
+    id: String,
+    breaker: Mutex<Breaker>,
+    clock: Clock,
+}
+
+impl BuyerHealth {
+    pub fn new(id: &str, failures_to_open: u32, cooldown: Duration, clock: Clock) -> BuyerHealth {
+        gauge!(telemetry::BUYER_BREAKER_STATE, "buyer" => id.to_owned())
+            .set(BreakerState::Closed.gauge_value());
+        BuyerHealth {
+            id: id.to_owned(),
+            breaker: Mutex::new(Breaker::new(failures_to_open, cooldown.as_millis() as i64)),
+            clock,
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.breaker.lock().expect("breaker").state()
+    }
+
+    /// May the buyer be sent a request now? A `Probe` is the one request that decides.
+    pub fn permit(&self) -> Permit {
+        let (before, permit) = {
+            let mut breaker = self.breaker.lock().expect("breaker");
+            let before = breaker.state();
+            (before, breaker.permit(self.clock.now_ms()))
+        };
+        // A lost probe replaced in half-open is no change of state.
+        if permit == Permit::Probe && before == BreakerState::Open {
+            self.changed(BreakerState::HalfOpen);
+        }
+        permit
+    }
+
+    /// Records an answer (`true`) or a timeout/error (`false`).
+    pub fn record(&self, success: bool) {
+        let change = self
+            .breaker
+            .lock()
+            .expect("breaker")
+            .record(success, self.clock.now_ms());
+        if let Some(state) = change {
+            self.changed(state);
+        }
+    }
+
+    fn changed(&self, state: BreakerState) {
+        gauge!(telemetry::BUYER_BREAKER_STATE, "buyer" => self.id.clone()).set(state.gauge_value());
+        match state {
+            BreakerState::Open => {
+                tracing::warn!(buyer = %self.id, state = state.as_str(), "buyer breaker changed")
+            }
+            _ => tracing::info!(buyer = %self.id, state = state.as_str(), "buyer breaker changed"),
+        }
+    }
+}
+
+/// Whether a ping outcome tells the breaker the buyer is healthy (`Some(true)`), failing
+/// (`Some(false)`) or nothing (our own in-flight limit).
+fn ping_health(reply: &PingReply) -> Option<bool> {
+    match reply {
+        PingReply::Bid { .. } | PingReply::NoBid(NoBid::Declined) => Some(true),
+        PingReply::NoBid(NoBid::Overloaded) => None,
+        PingReply::NoBid(_) => Some(false),
+    }
+}
+
+fn post_health(reply: &PostReply) -> Option<bool> {
+    match reply {
+        PostReply::Accepted | PostReply::Refused(Refusal::Declined, _) => Some(true),
+        PostReply::Refused(Refusal::Overloaded, _) => None,
+        PostReply::Refused(..) => Some(false),
+    }
+}
 
 /// Replies larger than this are treated as a bad body.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -25,6 +105,7 @@ pub struct BuyerSettings {
     pub headers: Vec<(String, String)>,
     pub max_in_flight: usize,
     pub mapping: ReplyMapping,
+    pub health: Arc<BuyerHealth>,
 }
 
 pub struct BuyerActor {
@@ -39,6 +120,7 @@ struct Inner {
     mapping: ReplyMapping,
     in_flight: AtomicUsize,
     max_in_flight: usize,
+    health: Arc<BuyerHealth>,
 }
 
 enum CallError {
@@ -80,6 +162,7 @@ impl BuyerActor {
                 mapping: settings.mapping,
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: settings.max_in_flight,
+                health: settings.health,
             }),
         })
     }
@@ -161,6 +244,11 @@ impl Handler<Ping> for BuyerActor {
             };
             let answered_at = Instant::now();
             let latency = answered_at - started;
+            if inner.ping_url.is_some()
+                && let Some(healthy) = ping_health(&reply)
+            {
+                inner.health.record(healthy);
+            }
             let outcome = match &reply {
                 PingReply::Bid { .. } => "bid",
                 PingReply::NoBid(why) => why.as_str(),
@@ -192,6 +280,9 @@ impl Handler<Post> for BuyerActor {
                 Err(CallError::Overloaded) => PostReply::Refused(Refusal::Overloaded, None),
             };
             let latency = started.elapsed();
+            if let Some(healthy) = post_health(&reply) {
+                inner.health.record(healthy);
+            }
             let outcome = match &reply {
                 PostReply::Accepted => {
                     counter!(telemetry::BUYER_POST_VALUE, "buyer" => inner.id.clone())

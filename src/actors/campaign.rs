@@ -1,23 +1,37 @@
 //! One actor per campaign: holds the campaign's rules and buyers, and runs each auction as
 //! its own future, so auctions of one campaign overlap and a slow buyer delays no other lead.
-//! Ranking and fallback decisions come from `domain::auction`; this file does the I/O.
+//! Ranking, eligibility, caps windows and retry decisions come from `domain`; this file does
+//! the I/O. With a pending TTL the actor also re-auctions its pending leads on an interval.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::{Actor, Addr, Context, Handler, MailboxError, ResponseFuture};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, MailboxError, ResponseFuture};
 use bytes::Bytes;
 use futures::future::join_all;
 use metrics::{counter, gauge, histogram};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::buyer::BuyerActor;
+use super::buyer::{BuyerActor, BuyerHealth};
 use super::messages::{AuctionError, Ping, PingResult, Post, PostResult, RunAuction};
 use crate::buyers::{self, NoBid, PingReply, PostReply, PostRequest, Refusal};
-use crate::domain::{AuctionRules, Bid, PostQueue, Price, rank};
+use crate::clock::Clock;
+use crate::coord::SharedCoordinator;
+use crate::domain::breaker::Permit;
+use crate::domain::campaign::{BuyerRules, PendingNext, PendingPolicy, SkipReason, dedupe_keys};
+use crate::domain::caps::counter_checks;
+use crate::domain::{AuctionRules, Bid, Lead, PostQueue, Price, rank};
 use crate::storage::{AuctionEvent, LeadRecord, LeadStatus, LeadStore};
 use crate::telemetry;
+use crate::webhooks::WebhookSender;
+
+/// Pending leads taken per scheduler tick; the rest wait for the next tick.
+const RETRY_BATCH: usize = 64;
+/// How long one re-auction may hold its lead before another node or tick may take it.
+const RETRY_LEASE_MS: i64 = 5 * 60 * 1000;
 
 /// A buyer as one campaign sees it.
 #[derive(Clone)]
@@ -27,6 +41,8 @@ pub struct CampaignBuyer {
     /// `Some` for a direct-post buyer: no ping, this price.
     pub fixed_price: Option<Price>,
     pub floor: Price,
+    pub rules: Arc<BuyerRules>,
+    pub health: Arc<BuyerHealth>,
 }
 
 pub struct CampaignSettings {
@@ -38,6 +54,18 @@ pub struct CampaignSettings {
     pub post_timeout: Duration,
     pub rules: AuctionRules,
     pub buyers: Vec<CampaignBuyer>,
+    pub dedupe_days: Option<u32>,
+    pub pending: Option<PendingPolicy>,
+}
+
+/// What a campaign needs besides its settings: where it stores, coordinates, reads the time
+/// and tells suppliers.
+#[derive(Clone)]
+pub struct CampaignServices {
+    pub store: Arc<dyn LeadStore>,
+    pub coord: SharedCoordinator,
+    pub clock: Clock,
+    pub webhooks: WebhookSender,
 }
 
 pub struct CampaignActor {
@@ -47,12 +75,27 @@ pub struct CampaignActor {
 struct Shared {
     settings: CampaignSettings,
     store: Arc<dyn LeadStore>,
+    coord: SharedCoordinator,
+    clock: Clock,
+    webhooks: WebhookSender,
+    /// A scheduler sweep is running; ticks meanwhile are skipped.
+    sweeping: AtomicBool,
+    /// Leads being re-auctioned on this node now.
+    retrying: Mutex<HashSet<String>>,
 }
 
 impl CampaignActor {
-    pub fn new(settings: CampaignSettings, store: Arc<dyn LeadStore>) -> CampaignActor {
+    pub fn new(settings: CampaignSettings, services: CampaignServices) -> CampaignActor {
         CampaignActor {
-            shared: Arc::new(Shared { settings, store }),
+            shared: Arc::new(Shared {
+                settings,
+                store: services.store,
+                coord: services.coord,
+                clock: services.clock,
+                webhooks: services.webhooks,
+                sweeping: AtomicBool::new(false),
+                retrying: Mutex::new(HashSet::new()),
+            }),
         }
     }
 }
@@ -62,6 +105,21 @@ impl Actor for CampaignActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(16_384);
+        if let Some(policy) = self.shared.settings.pending {
+            // Often enough that a retry is at most a fraction of its interval late.
+            let tick =
+                Duration::from_millis((policy.retry_interval_ms / 4).clamp(100, 1000) as u64);
+            ctx.run_interval(tick, |act, _| {
+                let shared = act.shared.clone();
+                if shared.sweeping.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                actix::spawn(async move {
+                    shared.retry_due().await;
+                    shared.sweeping.store(false, Ordering::Release);
+                });
+            });
+        }
     }
 }
 
@@ -82,11 +140,18 @@ fn ping_outcome(reply: &PingReply) -> &'static str {
     }
 }
 
+/// What one auction came to: the accepted bids, what they pay, and its log.
+struct Sale {
+    sold: Vec<Bid>,
+    total: Price,
+    log: Vec<AuctionEvent>,
+}
+
 impl Shared {
     async fn run(&self, msg: RunAuction) -> Result<LeadRecord, AuctionError> {
         let started = Instant::now();
         gauge!(telemetry::AUCTIONS_IN_FLIGHT).increment(1.0);
-        let result = self.auction(msg, started).await;
+        let result = self.first_auction(msg, started).await;
         gauge!(telemetry::AUCTIONS_IN_FLIGHT).decrement(1.0);
         if let Ok(record) = &result {
             let campaign = self.settings.id.clone();
@@ -101,20 +166,148 @@ impl Shared {
         result
     }
 
-    async fn auction(&self, msg: RunAuction, started: Instant) -> Result<LeadRecord, AuctionError> {
+    /// Claims the lead's phone and email for the dedupe window; `Ok(None)` without dedupe.
+    async fn claim_lead(&self, lead: &Lead) -> Result<Option<Vec<String>>, AuctionError> {
+        let Some(days) = self.settings.dedupe_days else {
+            return Ok(None);
+        };
+        let keys = dedupe_keys(&self.settings.id, lead);
+        let now = self.clock.now_ms();
+        let expires = now + i64::from(days) * 86_400_000;
+        if self.coord.claim(&keys, now, expires).await? {
+            Ok(Some(keys))
+        } else {
+            counter!(telemetry::DUPLICATES_TOTAL, "campaign" => self.settings.id.clone())
+                .increment(1);
+            Err(AuctionError::Duplicate)
+        }
+    }
+
+    async fn first_auction(
+        &self,
+        msg: RunAuction,
+        started: Instant,
+    ) -> Result<LeadRecord, AuctionError> {
+        let s = &self.settings;
+        let claims = self.claim_lead(&msg.lead).await?;
+        let sale = self.sell(&msg.lead, &msg.lead_id, started).await;
+        let status = if sale.sold.is_empty() {
+            LeadStatus::Pending
+        } else {
+            LeadStatus::Sold
+        };
+        let record = LeadRecord {
+            lead_id: msg.lead_id,
+            supplier_id: msg.supplier_id,
+            seller: s.seller.clone(),
+            campaign_id: s.id.clone(),
+            created_at_ms: msg.created_at_ms,
+            status,
+            price_cents: sale.total.cents(),
+            buyer_ids: sale
+                .sold
+                .iter()
+                .map(|b| s.buyers[b.buyer].id.clone())
+                .collect(),
+            fields: msg.lead.fields.clone(),
+            auction_log: sale.log,
+            next_retry_ms: match (status, s.pending) {
+                (LeadStatus::Pending, Some(policy)) => Some(policy.first_retry(msg.created_at_ms)),
+                _ => None,
+            },
+        };
+        tracing::info!(status = status.as_str(), price = %sale.total, buyers = ?record.buyer_ids, "auction done");
+        let idempotency = msg.idempotency_key.map(|key| {
+            let body = crate::http::dto::lead_answer(&record);
+            (
+                key,
+                crate::storage::IdempotentAnswer {
+                    lead_id: record.lead_id.clone(),
+                    body,
+                    created_at_ms: record.created_at_ms,
+                },
+            )
+        });
+        if let Err(e) = self.store.insert_lead(record.clone(), idempotency).await {
+            if record.status == LeadStatus::Sold {
+                tracing::error!(error = %e, buyers = ?record.buyer_ids, "sold lead could not be stored");
+            }
+            if let Some(keys) = claims
+                && let Err(e) = self.coord.unclaim(&keys).await
+            {
+                tracing::error!(error = %e, "dedupe claim of an unstored lead could not be given back");
+            }
+            return Err(AuctionError::Storage(e));
+        }
+        Ok(record)
+    }
+
+    /// Why `buyer` sits this auction out, if it does: filters and schedule (pure), then its
+    /// caps (coordinator), then its breaker (asked last: a probe permit is spent on a ping).
+    async fn skip_reason(
+        &self,
+        buyer: &CampaignBuyer,
+        lead: &Lead,
+        now_ms: i64,
+    ) -> Option<SkipReason> {
+        if let Err((reason, _)) = buyer.rules.admits(lead, now_ms) {
+            return Some(reason);
+        }
+        if buyer.rules.caps.is_limited() {
+            // A ping buyer needs room for at least one cent; a direct buyer for its price.
+            let price = buyer.fixed_price.unwrap_or(Price::from_cents(1));
+            let checks = counter_checks(
+                &buyer.id,
+                &buyer.rules.caps,
+                &buyer.rules.timezone,
+                now_ms,
+                price,
+            );
+            match self.coord.would_fit(&checks, now_ms).await {
+                Ok(true) => {}
+                Ok(false) => return Some(SkipReason::Capped),
+                Err(e) => {
+                    tracing::error!(buyer = %buyer.id, error = %e, "cap check failed; buyer skipped");
+                    return Some(SkipReason::Capped);
+                }
+            }
+        }
+        match buyer.health.permit() {
+            Permit::Allowed | Permit::Probe => None,
+            Permit::Denied => Some(SkipReason::BreakerOpen),
+        }
+    }
+
+    fn skipped(&self, log: &mut Vec<AuctionEvent>, buyer: &CampaignBuyer, reason: SkipReason) {
+        counter!(telemetry::BUYER_SKIPPED_TOTAL, "buyer" => buyer.id.clone(), "reason" => reason.as_str())
+            .increment(1);
+        log.push(AuctionEvent::Skipped {
+            buyer: buyer.id.clone(),
+            reason: reason.as_str().to_owned(),
+        });
+    }
+
+    /// One auction of `lead`: eligible buyers pinged at once, bids ranked, the best posted to
+    /// (a cap slot reserved before each post and released when it is refused).
+    async fn sell(&self, lead: &Lead, lead_id: &str, started: Instant) -> Sale {
         let s = &self.settings;
         let ping_deadline = started + s.ping_timeout;
+        let now_ms = self.clock.now_ms();
         let mut log = Vec::new();
         let mut bids = Vec::new();
         let mut ping_ids: Vec<String> = Vec::with_capacity(s.buyers.len());
 
-        // Ping everyone at once; the ping lead is serialised once for all buyers.
-        let ping_lead =
-            serde_json::value::to_raw_value(&msg.lead.without_personal(&s.personal_fields))
-                .expect("a map of JSON values always serialises");
+        // Ping everyone eligible at once; the ping lead is serialised once for all buyers.
+        let ping_lead = serde_json::value::to_raw_value(&lead.without_personal(&s.personal_fields))
+            .expect("a map of JSON values always serialises");
         let mut pings = Vec::new();
         for (index, buyer) in s.buyers.iter().enumerate() {
             let ping_id = ulid::Ulid::new().to_string();
+            ping_ids.push(ping_id.clone());
+            if let Some(reason) = self.skip_reason(buyer, lead, now_ms).await {
+                self.skipped(&mut log, buyer, reason);
+                continue;
+            }
             match buyer.fixed_price {
                 Some(price) => {
                     log.push(AuctionEvent::Direct {
@@ -153,7 +346,6 @@ impl Shared {
                     });
                 }
             }
-            ping_ids.push(ping_id);
         }
         for (index, result) in join_all(pings).await {
             let buyer = &s.buyers[index];
@@ -199,16 +391,41 @@ impl Shared {
             if wave.is_empty() {
                 break;
             }
-            let posts = wave.into_iter().map(|bid| {
+            // A winner must fit its caps: reserve its slot (and budget) before posting.
+            let mut reserved = Vec::with_capacity(wave.len());
+            for bid in wave {
+                let buyer = &s.buyers[bid.buyer];
+                let now_ms = self.clock.now_ms();
+                let checks = counter_checks(
+                    &buyer.id,
+                    &buyer.rules.caps,
+                    &buyer.rules.timezone,
+                    now_ms,
+                    bid.price,
+                );
+                match self.coord.reserve(&checks, now_ms).await {
+                    Ok(true) => reserved.push((bid, checks)),
+                    Ok(false) => {
+                        self.skipped(&mut log, buyer, SkipReason::Capped);
+                        queue.refused(&bid);
+                    }
+                    Err(e) => {
+                        tracing::error!(buyer = %buyer.id, error = %e, "cap reservation failed; bid skipped");
+                        self.skipped(&mut log, buyer, SkipReason::Capped);
+                        queue.refused(&bid);
+                    }
+                }
+            }
+            let posts = reserved.into_iter().map(|(bid, checks)| {
                 let buyer = &s.buyers[bid.buyer];
                 let body = Bytes::from(buyers::post_body(&PostRequest {
                     ping_id: &ping_ids[bid.buyer],
-                    lead_id: &msg.lead_id,
+                    lead_id,
                     price: bid.price,
                     token: bid.token.as_deref(),
                     campaign: &s.id,
                     category: &s.category,
-                    lead: &msg.lead.fields,
+                    lead: &lead.fields,
                 }));
                 let sent = buyer.addr.send(Post {
                     body,
@@ -223,6 +440,13 @@ impl Shared {
                             latency: post_deadline.saturating_duration_since(Instant::now()),
                         },
                     };
+                    let counted = match result.reply {
+                        PostReply::Accepted => self.coord.commit(&checks).await,
+                        PostReply::Refused(..) => self.coord.release(&checks).await,
+                    };
+                    if let Err(e) = counted {
+                        tracing::error!(error = %e, "cap counters could not be updated");
+                    }
                     (bid, result)
                 }
             });
@@ -250,42 +474,130 @@ impl Shared {
             }
         }
         let (sold, total) = queue.into_sale();
-        let status = if sold.is_empty() {
-            LeadStatus::Pending
-        } else {
-            LeadStatus::Sold
+        Sale { sold, total, log }
+    }
+
+    /// One scheduler tick: every pending lead now due is auctioned again or given up.
+    async fn retry_due(self: &Arc<Self>) {
+        let Some(policy) = self.settings.pending else {
+            return;
         };
-        let record = LeadRecord {
-            lead_id: msg.lead_id,
-            supplier_id: msg.supplier_id,
-            seller: s.seller.clone(),
-            campaign_id: s.id.clone(),
-            created_at_ms: msg.created_at_ms,
-            status,
-            price_cents: total.cents(),
-            buyer_ids: sold.iter().map(|b| s.buyers[b.buyer].id.clone()).collect(),
-            fields: msg.lead.fields.clone(),
-            auction_log: log,
-            next_retry_ms: None,
-        };
-        tracing::info!(status = status.as_str(), price = %total, buyers = ?record.buyer_ids, "auction done");
-        let idempotency = msg.idempotency_key.map(|key| {
-            let body = crate::http::dto::lead_answer(&record);
-            (
-                key,
-                crate::storage::IdempotentAnswer {
-                    lead_id: record.lead_id.clone(),
-                    body,
-                    created_at_ms: record.created_at_ms,
-                },
-            )
-        });
-        if let Err(e) = self.store.insert_lead(record.clone(), idempotency).await {
-            if record.status == LeadStatus::Sold {
-                tracing::error!(error = %e, buyers = ?record.buyer_ids, "sold lead could not be stored");
+        let now = self.clock.now_ms();
+        let due = match self
+            .store
+            .pending_due(&self.settings.id, now, RETRY_BATCH)
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!(campaign = %self.settings.id, error = %e, "pending leads could not be read");
+                return;
             }
-            return Err(AuctionError::Storage(e));
+        };
+        let retries = due.into_iter().filter_map(|record| {
+            let fresh = self
+                .retrying
+                .lock()
+                .expect("retrying")
+                .insert(record.lead_id.clone());
+            fresh.then(|| {
+                let shared = self.clone();
+                async move {
+                    let lead_id = record.lead_id.clone();
+                    shared.retry_one(record, policy).await;
+                    shared.retrying.lock().expect("retrying").remove(&lead_id);
+                }
+            })
+        });
+        join_all(retries).await;
+    }
+
+    async fn retry_one(&self, mut record: LeadRecord, policy: PendingPolicy) {
+        let lease = format!("retry/{}", record.lead_id);
+        let now = self.clock.now_ms();
+        match self.coord.lease(&lease, now, now + RETRY_LEASE_MS).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "re-auction lease failed");
+                return;
+            }
         }
-        Ok(record)
+        let span = tracing::info_span!("reauction", lead_id = %record.lead_id, campaign = %self.settings.id);
+        self.retry_leased(&mut record, policy)
+            .instrument(span)
+            .await;
+        if let Err(e) = self.coord.end_lease(&lease).await {
+            tracing::warn!(error = %e, "re-auction lease not ended");
+        }
+    }
+
+    async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) {
+        let campaign = self.settings.id.clone();
+        // The stored lead may have changed since it was listed (another tick sold it).
+        match self.store.get_lead(&record.lead_id).await {
+            Ok(Some(current)) if current.status == LeadStatus::Pending => *record = current,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "pending lead could not be read");
+                return;
+            }
+        }
+        let now = self.clock.now_ms();
+        let mut resolved = None;
+        if policy.expired(record.created_at_ms, now) {
+            record.status = LeadStatus::Unsold;
+            record.next_retry_ms = None;
+            resolved = Some("unsold");
+        } else {
+            let lead = match Lead::parse(record.fields.clone(), &[]) {
+                Ok(lead) => lead,
+                Err(e) => {
+                    tracing::error!(?e, "stored pending lead does not parse; given up");
+                    record.status = LeadStatus::Unsold;
+                    record.next_retry_ms = None;
+                    return self.store_retry(record, Some("unsold")).await;
+                }
+            };
+            counter!(telemetry::REAUCTIONS_TOTAL, "campaign" => campaign.clone()).increment(1);
+            let sale = self.sell(&lead, &record.lead_id, Instant::now()).await;
+            record.auction_log.extend(sale.log);
+            if sale.sold.is_empty() {
+                match policy.after_unsold_attempt(record.created_at_ms, self.clock.now_ms()) {
+                    PendingNext::RetryAt(at) => record.next_retry_ms = Some(at),
+                    PendingNext::GiveUp => {
+                        record.status = LeadStatus::Unsold;
+                        record.next_retry_ms = None;
+                        resolved = Some("unsold");
+                    }
+                }
+            } else {
+                record.status = LeadStatus::Sold;
+                record.price_cents = sale.total.cents();
+                record.buyer_ids = sale
+                    .sold
+                    .iter()
+                    .map(|b| self.settings.buyers[b.buyer].id.clone())
+                    .collect();
+                record.next_retry_ms = None;
+                resolved = Some("sold");
+                counter!(telemetry::SOLD_VALUE_TOTAL, "campaign" => campaign.clone())
+                    .increment(record.price_cents.max(0) as u64);
+            }
+        }
+        self.store_retry(record, resolved).await;
+    }
+
+    async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) {
+        if let Err(e) = self.store.update_lead(record.clone()).await {
+            tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
+            return;
+        }
+        if let Some(outcome) = resolved {
+            tracing::info!(status = outcome, price = record.price_cents, buyers = ?record.buyer_ids, "pending lead resolved");
+            counter!(telemetry::PENDING_RESOLVED_TOTAL, "campaign" => self.settings.id.clone(), "outcome" => outcome)
+                .increment(1);
+            self.webhooks.notify(record);
+        }
     }
 }

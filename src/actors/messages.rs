@@ -31,6 +31,11 @@ pub enum AuctionError {
     Storage(#[from] StorageError),
     #[error("the campaign is not running")]
     Stopped,
+    /// The campaign accepted the same phone or email within its dedupe window.
+    #[error("duplicate lead")]
+    Duplicate,
+    #[error("coordination: {0}")]
+    Coordination(#[from] crate::coord::CoordError),
 }
 
 /// Ping a buyer; the answer must come before `deadline`.

@@ -4,6 +4,6 @@ pub mod buyer;
 pub mod campaign;
 pub mod messages;
 
-pub use buyer::{BuyerActor, BuyerSettings};
-pub use campaign::{CampaignActor, CampaignBuyer, CampaignSettings};
+pub use buyer::{BuyerActor, BuyerHealth, BuyerSettings};
+pub use campaign::{CampaignActor, CampaignBuyer, CampaignServices, CampaignSettings};
 pub use messages::{AuctionError, RunAuction};

@@ -358,4 +358,76 @@ mod tests {
         assert!(text.contains(r#""price":45.00"#), "{text}");
         assert!(text.contains(r#""token":"t""#), "{text}");
     }
+
+    /// Every file in `tests/fixtures/replies` is one odd reply: the mapping (defaults when
+    /// absent), the status, the body (`body` as JSON or `body_text` as sent) and what the
+    /// exchange must read from it.
+    #[test]
+    fn reply_fixtures() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/replies");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("fixture folder")
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 20, "fixtures found: {}", files.len());
+        for file in files {
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            let case: Value = serde_json::from_slice(&std::fs::read(&file).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let default = ReplyMapping::default();
+            let text = |key: &str, fallback: &str| {
+                case["mapping"][key].as_str().unwrap_or(fallback).to_owned()
+            };
+            let mapping = ReplyMapping {
+                bid_path: text("bid_path", &default.bid_path),
+                token_path: text("token_path", &default.token_path),
+                accept_path: text("accept_path", &default.accept_path),
+                accept_value: case["mapping"]["accept_value"].as_str().map(str::to_owned),
+            };
+            let status = case["status"].as_u64().unwrap() as u16;
+            let body = match (&case["body"], case["body_text"].as_str()) {
+                (_, Some(text)) => text.as_bytes().to_vec(),
+                (json, None) => serde_json::to_vec(json).unwrap(),
+            };
+            let expect = &case["expect"];
+            match case["kind"].as_str().unwrap() {
+                "ping" => {
+                    let wanted = match expect["bid"].as_str() {
+                        Some(price) => PingReply::Bid {
+                            price: Price::parse_decimal(price).unwrap(),
+                            token: expect["token"].as_str().map(str::to_owned),
+                        },
+                        None => {
+                            let why = expect["no_bid"].as_str().unwrap();
+                            let all = [
+                                NoBid::Declined,
+                                NoBid::HttpStatus,
+                                NoBid::BadBody,
+                                NoBid::Timeout,
+                                NoBid::Transport,
+                                NoBid::Overloaded,
+                            ];
+                            PingReply::NoBid(*all.iter().find(|n| n.as_str() == why).unwrap())
+                        }
+                    };
+                    assert_eq!(parse_ping_reply(status, &body, &mapping), wanted, "{name}");
+                }
+                "post" => {
+                    let got = parse_post_reply(status, &body, &mapping);
+                    if expect["accepted"] == json!(true) {
+                        assert_eq!(got, PostReply::Accepted, "{name}");
+                    } else {
+                        let PostReply::Refused(why, reason) = got else {
+                            panic!("{name}: accepted, expected a refusal");
+                        };
+                        assert_eq!(why.as_str(), expect["refused"].as_str().unwrap(), "{name}");
+                        assert_eq!(reason.as_deref(), expect["reason"].as_str(), "{name}");
+                    }
+                }
+                other => panic!("{name}: unknown kind {other}"),
+            }
+        }
+    }
 }

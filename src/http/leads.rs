@@ -346,6 +346,11 @@ async fn submit_lead(
             "campaign {}: {e}",
             campaign.id
         ))),
+        Err(AuctionError::Duplicate) => Err(ApiError::Duplicate),
+        Err(AuctionError::Coordination(e)) => Err(ApiError::StorageUnavailable(format!(
+            "campaign {}: {e}",
+            campaign.id
+        ))),
         Err(e) => Err(ApiError::Internal(format!("campaign {}: {e}", campaign.id))),
     }
 }

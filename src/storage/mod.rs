@@ -58,6 +58,8 @@ pub enum AuctionEvent {
         bid_cents: i64,
         reason: String,
     },
+    /// A buyer left out: `filtered`, `outside_schedule`, `capped` or `breaker_open`.
+    Skipped { buyer: String, reason: String },
     Post {
         buyer: String,
         price_cents: i64,

@@ -158,9 +158,16 @@ pub fn lead() -> Value {
 
 impl TestApp {
     pub async fn spawn(config_text: &str) -> TestApp {
+        TestApp::spawn_with_clock(config_text, leadex::clock::Clock::system()).await
+    }
+
+    /// As `spawn`, with the clock the marketplace rules read (a manual one the test moves).
+    pub async fn spawn_with_clock(config_text: &str, clock: leadex::clock::Clock) -> TestApp {
         let config = Config::from_toml(config_text).expect("test config is valid");
         let data = config.storage.path.clone();
-        let app = Application::build(config, None).await.expect("app builds");
+        let app = Application::build_with_clock(config, None, clock)
+            .await
+            .expect("app builds");
         let addr = app.addr();
         let handle = app.handle();
         let running = actix_rt::spawn(app.run_until_stopped());

@@ -1,0 +1,851 @@
+//! Black-box tests of the marketplace rules (filters, caps and budgets, schedules, dedupe,
+//! pending re-auction and webhooks, buyer reply mapping, circuit breakers) through the
+//! supplier API, against the real app and buyers on real sockets on 127.0.0.1.
+
+mod common;
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, HttpServer, web};
+use common::*;
+use hmac::{Hmac, Mac};
+use jiff::civil::date;
+use jiff::tz::TimeZone;
+use leadex::clock::Clock;
+use leadex::sim::{Behaviour, BidSpec, BuyerSim};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+fn ids(v: &Value) -> Vec<String> {
+    v["buyer_ids"]
+        .as_array()
+        .map(|ids| ids.iter().map(|b| b.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Unix ms of a local time in an IANA zone.
+fn local_ms(tz: &str, y: i16, mo: i8, d: i8, h: i8, mi: i8) -> i64 {
+    date(y, mo, d)
+        .at(h, mi, 0, 0)
+        .to_zoned_datetime(TimeZone::get(tz).unwrap())
+        .unwrap()
+        .timestamp()
+        .as_millisecond()
+}
+
+/// A lead with its own phone and email, so dedupe tests do not collide.
+fn lead_n(n: u32) -> Value {
+    let mut lead = lead();
+    lead["phone"] = json!(format!("555-{:03}-{:04}", 200 + n / 10_000, n % 10_000));
+    lead["email"] = json!(format!("person{n}@example.com"));
+    lead
+}
+
+fn bidding(bid: &str) -> Behaviour {
+    Behaviour {
+        bid: BidSpec::parse(bid).unwrap(),
+        ..Behaviour::default()
+    }
+}
+
+/// The value of one series in the Prometheus page, e.g. `name{buyer="x"}`.
+fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls GET /api/leads/{id} until its status is `want` or `within` passes.
+async fn wait_for_status(app: &TestApp, lead_id: &str, want: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = app.get_lead(KEY, lead_id).await;
+        assert_eq!(status, 200, "{body}");
+        if body["status"] == want || Instant::now() > deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Longer ping and post deadlines, so 200 concurrent leads on a busy machine still get
+/// their bids in: these tests are about counting, not speed.
+fn roomy_deadlines(text: String) -> String {
+    text.replacen("ping_timeout_ms = 300", "ping_timeout_ms = 3000", 1)
+        .replacen("post_timeout_ms = 1000", "post_timeout_ms = 5000", 1)
+}
+
+#[actix_web::test]
+async fn each_filter_kind_decides_who_is_pinged() {
+    // The lead: TX, zip 75001, homeowner yes, creditScore 700.
+    let pairs = [
+        ("f-state", "states = [\"TX\", \"CA\"]", "states = [\"CA\"]"),
+        (
+            "f-zip",
+            "zip_prefixes = [\"750\"]",
+            "zip_prefixes = [\"90\", \"7501\"]",
+        ),
+        (
+            "f-eq",
+            "filters = [{ field = \"homeowner\", equals = \"YES\" }]",
+            "filters = [{ field = \"homeowner\", equals = \"no\" }]",
+        ),
+        (
+            "f-in",
+            "filters = [{ field = \"homeowner\", in = [\"own\", \"yes\"] }]",
+            "filters = [{ field = \"homeowner\", in = [\"rent\"] }]",
+        ),
+        (
+            "f-notin",
+            "filters = [{ field = \"homeowner\", not_in = [\"rent\"] }]",
+            "filters = [{ field = \"homeowner\", not_in = [\"yes\"] }]",
+        ),
+        (
+            "f-min",
+            "filters = [{ field = \"creditScore\", min = 600 }]",
+            "filters = [{ field = \"creditScore\", min = 750 }]",
+        ),
+        (
+            "f-max",
+            "filters = [{ field = \"creditScore\", max = 700 }]",
+            "filters = [{ field = \"creditScore\", max = 650.5 }]",
+        ),
+        (
+            "f-exists",
+            "filters = [{ field = \"homeowner\", exists = true }, { field = \"bankruptcy\", exists = false }]",
+            "filters = [{ field = \"bankruptcy\", exists = true }]",
+        ),
+    ];
+    let mut buyers = String::new();
+    let mut sims: Vec<(String, BuyerSim, bool)> = Vec::new();
+    for (name, admits, refuses) in pairs {
+        for (suffix, rule, admitted) in [("ok", admits, true), ("no", refuses, false)] {
+            let id = format!("{name}-{suffix}");
+            let s = sim("10", 0);
+            buyers += &ping_buyer(&id, &s, rule);
+            sims.push((id, s, admitted));
+        }
+    }
+    // A direct-post buyer with the best price, filtered out: it must get no post.
+    let direct = sim("none", 0);
+    buyers += &direct_buyer("f-direct-no", &direct, "99", "states = [\"NY\"]");
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+
+    let mut lead = lead();
+    lead["homeowner"] = json!("yes");
+    lead["creditScore"] = json!("700");
+    let (status, body) = app.post_lead(&lead).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("sold")),
+        "{body}"
+    );
+    for (id, s, admitted) in &sims {
+        assert_eq!(s.stats.pings(), u64::from(*admitted), "buyer {id}");
+    }
+    assert_eq!(
+        direct.stats.posts(),
+        0,
+        "a filtered direct-post buyer gets no post"
+    );
+    assert!(ids(&body)[0].ends_with("-ok"), "{body}");
+
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "leadex_buyer_skipped_total{buyer=\"f-min-no\",reason=\"filtered\"}"
+        ),
+        Some(1.0),
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "leadex_buyer_skipped_total{buyer=\"f-min-ok\",reason=\"filtered\"}"
+        ),
+        Some(0.0),
+        "every series exported from start-up"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_daily_cap_of_10_holds_exactly_under_200_concurrent_leads() {
+    let (capped, other) = (sim("30", 2), sim("10", 2));
+    let buyers =
+        ping_buyer("cap10", &capped, "daily_cap = 10") + &ping_buyer("cap10-other", &other, "");
+    let app = TestApp::spawn(&roomy_deadlines(config(&data_dir(), "", &buyers))).await;
+
+    let body = lead();
+    let answers = futures::future::join_all((0..200).map(|_| app.post_lead(&body))).await;
+    let mut to_capped = 0;
+    for (status, answer) in &answers {
+        assert_eq!(
+            (*status, answer["status"].as_str()),
+            (200, Some("sold")),
+            "{answer}"
+        );
+        match ids(answer).as_slice() {
+            [b] if b == "cap10" => to_capped += 1,
+            [b] if b == "cap10-other" => {}
+            other => panic!("unexpected buyers {other:?}"),
+        }
+    }
+    assert_eq!(to_capped, 10, "exactly the cap, never 11");
+    assert_eq!(capped.stats.posts(), 10, "no post beyond the cap");
+    assert_eq!(other.stats.accepted(), 190);
+
+    // Now full: not even pinged.
+    let pings = capped.stats.pings();
+    let (_, answer) = app.post_lead(&body).await;
+    assert_eq!(ids(&answer), vec!["cap10-other"]);
+    assert_eq!(capped.stats.pings(), pings, "a capped buyer is not pinged");
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_daily_budget_holds_exactly_in_money_under_concurrency() {
+    let (spender, other) = (sim("30", 2), sim("10", 2));
+    let buyers = ping_buyer("budget100", &spender, "daily_budget = 100")
+        + &ping_buyer("budget-other", &other, "");
+    let app = TestApp::spawn(&roomy_deadlines(config(&data_dir(), "", &buyers))).await;
+    let body = lead();
+    let answers = futures::future::join_all((0..200).map(|_| app.post_lead(&body))).await;
+    let spent: f64 = answers
+        .iter()
+        .filter(|(_, a)| ids(a) == vec!["budget100"])
+        .map(|(_, a)| a["price"].as_f64().unwrap())
+        .sum();
+    assert_eq!(
+        spent, 90.0,
+        "three leads of 30 fit in 100, a fourth would not"
+    );
+    assert_eq!(spender.stats.posts(), 3);
+    assert!(
+        answers
+            .iter()
+            .all(|(s, a)| *s == 200 && a["status"] == "sold")
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_refused_post_gives_its_cap_slot_back_and_caps_survive_a_restart() {
+    let refusing = sim_with(Behaviour {
+        reject_rate: 1.0,
+        ..bidding("30")
+    });
+    let other = sim("10", 0);
+    let data = data_dir();
+    let buyers =
+        ping_buyer("slot", &refusing, "daily_cap = 2") + &ping_buyer("slot-other", &other, "");
+    let text = config(&data, "", &buyers);
+    let clock = Clock::manual(local_ms("UTC", 2026, 11, 25, 12, 0));
+    let app = TestApp::spawn_with_clock(&text, clock.clone()).await;
+    for n in 0..3 {
+        let (_, answer) = app.post_lead(&lead_n(n)).await;
+        assert_eq!(ids(&answer), vec!["slot-other"], "refused, so the next bid");
+    }
+    assert_eq!(refusing.stats.posts(), 3, "each refusal released its slot");
+
+    refusing.set_behaviour(bidding("30"));
+    for n in 3..5 {
+        let (_, answer) = app.post_lead(&lead_n(n)).await;
+        assert_eq!(ids(&answer), vec!["slot"]);
+    }
+    app.stop().await;
+
+    // Same day after a restart: the two sales are still counted.
+    let app = TestApp::spawn_with_clock(&text, clock.clone()).await;
+    let pings = refusing.stats.pings();
+    let (_, answer) = app.post_lead(&lead_n(5)).await;
+    assert_eq!(ids(&answer), vec!["slot-other"]);
+    assert_eq!(
+        refusing.stats.pings(),
+        pings,
+        "still capped after the restart"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn caps_reset_at_the_buyers_local_midnight_and_top_of_the_hour() {
+    let (ny, hourly, other) = (sim("30", 0), sim("20", 0), sim("10", 0));
+    let buyers = ping_buyer(
+        "ny-daily",
+        &ny,
+        "daily_cap = 2\ntimezone = \"America/New_York\"",
+    ) + &ping_buyer(
+        "hourly",
+        &hourly,
+        "hourly_cap = 1\ntimezone = \"Asia/Kolkata\"",
+    ) + &ping_buyer("reset-other", &other, "");
+    // 18:50 in New York, 05:20 in Kolkata.
+    let clock = Clock::manual(local_ms("UTC", 2026, 11, 25, 23, 50));
+    let app = TestApp::spawn_with_clock(
+        &config(&data_dir(), "max_buyers = 2", &buyers),
+        clock.clone(),
+    )
+    .await;
+
+    let sold_to = ids;
+    let (_, a) = app.post_lead(&lead()).await;
+    assert_eq!(sold_to(&a), vec!["ny-daily", "hourly"]);
+    let (_, a) = app.post_lead(&lead()).await;
+    assert_eq!(
+        sold_to(&a),
+        vec!["ny-daily", "reset-other"],
+        "hourly cap reached"
+    );
+    let (_, a) = app.post_lead(&lead()).await;
+    assert_eq!(sold_to(&a), vec!["reset-other"], "daily cap reached too");
+
+    // 00:10 UTC: a new UTC day, but still Nov 25 in New York; 05:40 in Kolkata, same hour.
+    clock.set_ms(local_ms("UTC", 2026, 11, 26, 0, 10));
+    let (_, a) = app.post_lead(&lead()).await;
+    assert_eq!(
+        sold_to(&a),
+        vec!["reset-other"],
+        "UTC midnight resets nothing"
+    );
+
+    // 06:00 in Kolkata: a new local hour.
+    clock.set_ms(local_ms("Asia/Kolkata", 2026, 11, 26, 6, 0));
+    let (_, a) = app.post_lead(&lead()).await;
+    assert_eq!(sold_to(&a), vec!["hourly", "reset-other"]);
+
+    // 00:00 in New York: a new local day.
+    clock.set_ms(local_ms("America/New_York", 2026, 11, 26, 0, 0));
+    let (_, a) = app.post_lead(&lead()).await;
+    assert_eq!(sold_to(&a), vec!["ny-daily", "hourly"]);
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_buyer_is_pinged_only_inside_its_schedule() {
+    let (scheduled, other) = (sim("30", 0), sim("10", 0));
+    let buyers = ping_buyer(
+        "sched",
+        &scheduled,
+        "timezone = \"America/Chicago\"\nschedule = [\"mon-fri 08:00-20:00\", \"sat 10:00-14:00\"]",
+    ) + &ping_buyer("sched-other", &other, "");
+    // Monday 2026-11-23, 10:00 in Chicago (16:00 UTC).
+    let clock = Clock::manual(local_ms("America/Chicago", 2026, 11, 23, 10, 0));
+    let app = TestApp::spawn_with_clock(&config(&data_dir(), "", &buyers), clock.clone()).await;
+    let cases = [
+        ((2026, 11, 23, 10, 0), "sched"),
+        ((2026, 11, 23, 19, 59), "sched"),
+        ((2026, 11, 23, 20, 0), "sched-other"),
+        ((2026, 11, 24, 7, 59), "sched-other"),
+        ((2026, 11, 28, 13, 30), "sched"),
+        ((2026, 11, 28, 14, 0), "sched-other"),
+        ((2026, 11, 29, 12, 0), "sched-other"),
+    ];
+    let mut expected_pings = 0;
+    for ((y, mo, d, h, mi), winner) in cases {
+        clock.set_ms(local_ms("America/Chicago", y, mo, d, h, mi));
+        let (_, answer) = app.post_lead(&lead()).await;
+        assert_eq!(ids(&answer), vec![winner], "at {y}-{mo}-{d} {h}:{mi}");
+        if winner == "sched" {
+            expected_pings += 1;
+        }
+        assert_eq!(
+            scheduled.stats.pings(),
+            expected_pings,
+            "not pinged outside"
+        );
+    }
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn dedupe_refuses_repeats_sequential_and_simultaneous_and_survives_a_restart() {
+    let buyer = sim("10", 0);
+    let data = data_dir();
+    let text = config(
+        &data,
+        "dedupe_days = 30",
+        &ping_buyer("dedupe-buyer", &buyer, ""),
+    );
+    let clock = Clock::manual(local_ms("UTC", 2026, 11, 25, 12, 0));
+    let app = TestApp::spawn_with_clock(&text, clock.clone()).await;
+
+    let first = lead_n(1);
+    let (status, body) = app.post_lead(&first).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("sold")),
+        "{body}"
+    );
+    let (status, body) = app.post_lead(&first).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "Duplicate lead");
+    assert_eq!(body["success"], false);
+
+    let mut same_phone = lead_n(2);
+    same_phone["phone"] = json!("+1 (555) 200-0001"); // lead_n(1)'s phone, written differently
+    assert_eq!(
+        app.post_lead(&same_phone).await.0,
+        409,
+        "normalised phone matches"
+    );
+    let mut same_email = lead_n(3);
+    same_email["email"] = json!(" PERSON1@Example.com ");
+    assert_eq!(
+        app.post_lead(&same_email).await.0,
+        409,
+        "normalised email matches"
+    );
+    let mut no_email = lead_n(4);
+    no_email.as_object_mut().unwrap().remove("email");
+    assert_eq!(
+        app.post_lead(&no_email).await.0,
+        200,
+        "phone alone when no email"
+    );
+    assert_eq!(app.post_lead(&no_email).await.0, 409);
+
+    // Field errors come before the duplicate check.
+    let mut broken = first.clone();
+    broken.as_object_mut().unwrap().remove("lastName");
+    assert_eq!(app.post_lead(&broken).await.0, 400);
+
+    // An Idempotency-Key replay is answered again, never refused as a duplicate.
+    let keyed = lead_n(5);
+    let send = || {
+        app.client
+            .post(app.url("/api/leads"))
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", "dedupe-key-1")
+            .json(&keyed)
+            .send()
+    };
+    let one: Value = send().await.unwrap().json().await.unwrap();
+    let again = send().await.unwrap();
+    assert_eq!(again.status().as_u16(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(one["lead_id"], again["lead_id"]);
+
+    // Twenty identical leads at the same moment: exactly one proceeds.
+    let twin = lead_n(6);
+    let answers = futures::future::join_all((0..20).map(|_| app.post_lead(&twin))).await;
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        19,
+        "{statuses:?}"
+    );
+    app.stop().await;
+
+    // The claims are durable, and end with the window.
+    let app = TestApp::spawn_with_clock(&text, clock.clone()).await;
+    assert_eq!(
+        app.post_lead(&first).await.0,
+        409,
+        "still a duplicate after a restart"
+    );
+    clock.advance_ms(30 * 86_400_000 + 1);
+    assert_eq!(
+        app.post_lead(&first).await.0,
+        200,
+        "accepted again after 30 days"
+    );
+    let pings_before = buyer.stats.pings();
+    assert_eq!(app.post_lead(&first).await.0, 409);
+    assert_eq!(
+        buyer.stats.pings(),
+        pings_before,
+        "a duplicate reaches no buyer"
+    );
+    let page = app.metrics().await;
+    assert!(
+        metric(
+            &page,
+            "leadex_duplicate_leads_total{campaign=\"acme-auto\"}"
+        )
+        .unwrap()
+            >= 25.0
+    );
+    app.stop().await;
+}
+
+/// One webhook call as received: the signature header and the raw body.
+type Call = (Option<String>, Vec<u8>);
+
+/// A webhook receiver on 127.0.0.1:0 that answers 500 to the first `fail_first` calls.
+struct Receiver {
+    url: String,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+fn receiver(fail_first: usize) -> Receiver {
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let seen = calls.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new(move || {
+        let seen = seen.clone();
+        actix_web::App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let signature = req
+                    .headers()
+                    .get("x-leadex-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let mut calls = seen.lock().unwrap();
+                calls.push((signature, body.to_vec()));
+                if calls.len() <= fail_first {
+                    HttpResponse::InternalServerError().finish()
+                } else {
+                    HttpResponse::Ok().finish()
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .unwrap()
+    .run();
+    actix_rt::spawn(server);
+    Receiver {
+        url: format!("http://{addr}/hooks/leadex"),
+        calls,
+    }
+}
+
+const WEBHOOK_SECRET: &str = "whsec-test-7f3a";
+
+fn with_webhook(text: String, url: &str) -> String {
+    text.replacen(
+        "id = \"sup-1\"\n",
+        &format!(
+            "id = \"sup-1\"\nwebhook_url = \"{url}\"\nwebhook_secret = \"{WEBHOOK_SECRET}\"\n"
+        ),
+        1,
+    )
+}
+
+/// Checks the signature as a supplier would: HMAC-SHA256 of the raw body with the secret.
+fn verify(signature: &Option<String>, body: &[u8]) -> Value {
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(signature.as_deref(), Some(expected.as_str()), "signature");
+    serde_json::from_slice(body).unwrap()
+}
+
+async fn wait_for_calls(receiver: &Receiver, count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while receiver.calls.lock().unwrap().len() < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_pending_lead_is_sold_on_retry_when_a_buyer_starts_bidding() {
+    let buyer = sim("none", 0);
+    let hook = receiver(0);
+    let text = with_webhook(
+        config(
+            &data_dir(),
+            "pending_ttl_secs = 60\nretry_interval_secs = 1",
+            &ping_buyer("late-bidder", &buyer, ""),
+        ),
+        &hook.url,
+    );
+    let app = TestApp::spawn(&text).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "pending", "{body}");
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+
+    buyer.set_behaviour(bidding("15"));
+    let status = wait_for_status(&app, &lead_id, "sold", Duration::from_secs(10)).await;
+    assert_eq!(status["status"], "sold", "{status}");
+    assert_eq!(status["price"], json!(15.0));
+    assert_eq!(status["buyer_ids"], json!(["late-bidder"]));
+    assert_eq!(buyer.stats.posts(), 1);
+    assert_eq!(buyer.stats.post_bodies()[0]["lead_id"], lead_id.as_str());
+
+    wait_for_calls(&hook, 1, Duration::from_secs(5)).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let event = verify(&calls[0].0, &calls[0].1);
+    assert_eq!(event["event"], "lead.sold");
+    assert_eq!(event["lead_id"], lead_id.as_str());
+    assert_eq!(event["price"], json!(15.0));
+    assert_eq!(event["buyer_ids"], json!(["late-bidder"]));
+
+    // Sold leads leave the queue: no further auctions.
+    let pings = buyer.stats.pings();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(buyer.stats.pings(), pings);
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_pending_lead_turns_unsold_after_its_ttl_and_the_webhook_is_retried() {
+    let buyer = sim("none", 0);
+    let hook = receiver(1);
+    let text = with_webhook(
+        config(
+            &data_dir(),
+            "pending_ttl_secs = 2\nretry_interval_secs = 1",
+            &ping_buyer("never-bids", &buyer, ""),
+        ),
+        &hook.url,
+    );
+    let app = TestApp::spawn(&text).await;
+    let started = Instant::now();
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "pending");
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+    // A campaign without a TTL keeps its pending leads pending.
+    let mut solar = lead();
+    solar["category"] = json!("Solar");
+    let (_, solar_body) = app.post_lead(&solar).await;
+    assert_eq!(solar_body["status"], "pending");
+
+    let status = wait_for_status(&app, &lead_id, "unsold", Duration::from_secs(10)).await;
+    assert_eq!(status["status"], "unsold", "{status}");
+    assert!(status.get("price").is_none() && status.get("buyer_ids").is_none());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not before the TTL"
+    );
+    assert!(buyer.stats.pings() >= 2, "auctioned again while pending");
+    let (_, solar_status) = app
+        .get_lead(KEY, solar_body["lead_id"].as_str().unwrap())
+        .await;
+    assert_eq!(solar_status["status"], "pending");
+
+    // The first call is refused with 500; the retry delivers the same signed body.
+    wait_for_calls(&hook, 2, Duration::from_secs(10)).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "one failure, one retry, then done");
+    assert_eq!(calls[0].1, calls[1].1);
+    let event = verify(&calls[1].0, &calls[1].1);
+    assert_eq!(event["event"], "lead.unsold");
+    assert_eq!(event["status"], "unsold");
+    assert_eq!(event["lead_id"], lead_id.as_str());
+
+    // Given up: no more auctions.
+    let pings = buyer.stats.pings();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(buyer.stats.pings(), pings);
+    app.stop().await;
+}
+
+/// A buyer with its own API: answers pings and posts with fixed JSON, records posts.
+struct OddBuyer {
+    base: String,
+    posts: Arc<Mutex<Vec<Value>>>,
+}
+
+fn odd_buyer(ping_reply: Value, post_reply: Value) -> OddBuyer {
+    let posts: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let seen = posts.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new(move || {
+        let (ping_reply, post_reply, seen) = (ping_reply.clone(), post_reply.clone(), seen.clone());
+        actix_web::App::new()
+            .route(
+                "/offer",
+                web::post().to(move || {
+                    let reply = ping_reply.clone();
+                    async move { HttpResponse::Ok().json(reply) }
+                }),
+            )
+            .route(
+                "/deliver",
+                web::post().to(move |body: web::Json<Value>| {
+                    let (reply, seen) = (post_reply.clone(), seen.clone());
+                    async move {
+                        seen.lock().unwrap().push(body.into_inner());
+                        HttpResponse::Ok().json(reply)
+                    }
+                }),
+            )
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .unwrap()
+    .run();
+    actix_rt::spawn(server);
+    OddBuyer {
+        base: format!("http://{addr}"),
+        posts,
+    }
+}
+
+fn odd_buyer_toml(id: &str, buyer: &OddBuyer, mapping: &str) -> String {
+    format!(
+        "\n[[buyers]]\nid = \"{id}\"\ncampaigns = [\"acme-auto\"]\nping_url = \"{0}/offer\"\npost_url = \"{0}/deliver\"\n{mapping}\n",
+        buyer.base
+    )
+}
+
+#[actix_web::test]
+async fn buyer_reply_mappings_read_odd_apis() {
+    // Nested string price with a dollar sign, token elsewhere, acceptance as a word.
+    let nested = odd_buyer(
+        json!({"data": {"offer": {"price": "$12.50"}, "id": "tok-7"}}),
+        json!({"result": "SUCCESS"}),
+    );
+    // Highest bid, but its post answer says failure under the mapped path.
+    let refuser = odd_buyer(
+        json!({"quote": {"amount": 40}}),
+        json!({"outcome": {"code": 0}}),
+    );
+    // A number under its own path, accepted as 1; bids less than `nested`.
+    let numeric = odd_buyer(json!({"price": "11"}), json!({"status": {"code": 1}}));
+    // Our default protocol would read no bid here: without a mapping it is ignored.
+    let unmapped = odd_buyer(
+        json!({"data": {"offer": {"price": 99}}}),
+        json!({"accepted": true}),
+    );
+    let buyers = odd_buyer_toml(
+        "map-nested",
+        &nested,
+        "bid_path = \"data.offer.price\"\ntoken_path = \"data.id\"\naccept_path = \"result\"\naccept_value = \"success\"",
+    ) + &odd_buyer_toml(
+        "map-refuser",
+        &refuser,
+        "bid_path = \"quote.amount\"\naccept_path = \"outcome.code\"\naccept_value = 1",
+    ) + &odd_buyer_toml(
+        "map-numeric",
+        &numeric,
+        "bid_path = \"price\"\naccept_path = \"status.code\"\naccept_value = 1",
+    ) + &odd_buyer_toml("map-unmapped", &unmapped, "");
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "sold", "{body}");
+    assert_eq!(ids(&body), vec!["map-nested"]);
+    assert_eq!(body["price"], json!(12.5));
+    assert_eq!(
+        refuser.posts.lock().unwrap().len(),
+        1,
+        "refused under its mapping"
+    );
+    assert_eq!(unmapped.posts.lock().unwrap().len(), 0);
+    let post = nested.posts.lock().unwrap()[0].clone();
+    assert_eq!(post["token"], "tok-7", "the mapped token is echoed");
+    assert_eq!(post["price"], json!(12.5));
+
+    // Without `nested`'s bid the numeric mapping wins and its `1` means accepted; the
+    // refuser is tried first again and refuses.
+    let app2 = TestApp::spawn(&config(
+        &data_dir(),
+        "",
+        &(odd_buyer_toml(
+            "map-refuser",
+            &refuser,
+            "bid_path = \"quote.amount\"\naccept_path = \"outcome.code\"\naccept_value = 1",
+        ) + &odd_buyer_toml(
+            "map-numeric",
+            &numeric,
+            "bid_path = \"price\"\naccept_path = \"status.code\"\naccept_value = 1",
+        )),
+    ))
+    .await;
+    let (_, body) = app2.post_lead(&lead()).await;
+    assert_eq!(ids(&body), vec!["map-numeric"], "{body}");
+    assert_eq!(body["price"], json!(11.0));
+    app2.stop().await;
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn the_breaker_opens_cools_down_probes_and_closes() {
+    // Answers after the 300 ms ping deadline: every ping is a timeout.
+    let flaky = sim("50", 600);
+    let steady = sim("10", 0);
+    let buyers = ping_buyer(
+        "flaky",
+        &flaky,
+        "breaker_failures = 3\nbreaker_cooldown_secs = 1",
+    ) + &ping_buyer("breaker-steady", &steady, "");
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let state = |page: &str| metric(page, "leadex_buyer_breaker_state{buyer=\"flaky\"}");
+    assert_eq!(state(&app.metrics().await), Some(0.0), "closed at start");
+
+    for _ in 0..3 {
+        let (_, body) = app.post_lead(&lead()).await;
+        assert_eq!(ids(&body), vec!["breaker-steady"]);
+    }
+    assert_eq!(flaky.stats.pings(), 3);
+    assert_eq!(
+        state(&app.metrics().await),
+        Some(1.0),
+        "open after 3 timeouts"
+    );
+
+    // Open: the buyer is left alone, and the auction no longer waits for it.
+    let started = Instant::now();
+    for _ in 0..3 {
+        let (_, body) = app.post_lead(&lead()).await;
+        assert_eq!(ids(&body), vec!["breaker-steady"]);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(flaky.stats.pings(), 3, "not pinged while open");
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "leadex_buyer_skipped_total{buyer=\"flaky\",reason=\"breaker_open\"}"
+        ),
+        Some(3.0)
+    );
+
+    // After the cooldown one probe decides; the buyer is healthy again and wins.
+    flaky.set_behaviour(bidding("50"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(ids(&body), vec!["flaky"], "the probe's bid counts");
+    assert_eq!(flaky.stats.pings(), 4);
+    assert_eq!(
+        state(&app.metrics().await),
+        Some(0.0),
+        "closed after a good probe"
+    );
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(ids(&body), vec!["flaky"]);
+    assert_eq!(flaky.stats.pings(), 5);
+
+    // A failed probe opens it again for another cooldown.
+    flaky.set_behaviour(Behaviour {
+        ping_latency_ms: (600, 600),
+        ..bidding("50")
+    });
+    for _ in 0..3 {
+        app.post_lead(&lead()).await;
+    }
+    assert_eq!(state(&app.metrics().await), Some(1.0));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.post_lead(&lead()).await;
+    assert_eq!(flaky.stats.pings(), 9, "one probe after the cooldown");
+    assert_eq!(
+        state(&app.metrics().await),
+        Some(1.0),
+        "the probe timed out: open again"
+    );
+    app.post_lead(&lead()).await;
+    assert_eq!(flaky.stats.pings(), 9);
+    app.stop().await;
+}
