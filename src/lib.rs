@@ -7,6 +7,7 @@ pub mod config;
 pub mod coord;
 pub mod demo;
 pub mod domain;
+pub mod drain;
 pub mod http;
 pub mod ratelimit;
 pub mod sim;

@@ -47,6 +47,7 @@ pub struct Application {
     arbiters: Vec<Arbiter>,
     /// How long a signal-started shutdown waits for requests in flight.
     grace: Duration,
+    drain: crate::drain::Drain,
 }
 
 fn cores() -> usize {
@@ -94,6 +95,7 @@ impl Application {
         )?);
         let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
         let coord: SharedCoordinator = Arc::new(MemoryCoordinator::new(store.clone()));
+        let drain = crate::drain::Drain::default();
         let webhooks = WebhookSender::new(
             config
                 .suppliers
@@ -194,6 +196,7 @@ impl Application {
                 coord: coord.clone(),
                 clock: clock.clone(),
                 webhooks: webhooks.clone(),
+                drain: drain.clone(),
             };
             let addr = CampaignActor::start_in_arbiter(&place(), move |_| {
                 CampaignActor::new(settings, services)
@@ -300,6 +303,7 @@ impl Application {
             store,
             arbiters,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            drain,
         })
     }
 
@@ -332,8 +336,10 @@ impl Application {
             store,
             arbiters,
             grace,
+            drain,
             ..
         } = self;
+        let mut stop_began = None;
         let handle = server.handle();
         let mut server = Box::pin(server);
         let mut signals = Signals::new()?;
@@ -341,6 +347,7 @@ impl Application {
         let served = tokio::select! {
             served = &mut server => served,
             signal = signals.next() => {
+                stop_began = Some(tokio::time::Instant::now());
                 tracing::info!(signal, grace_secs = grace.as_secs(), "stopping: no new connections, finishing requests in flight");
                 // The stop command is sent when `stop` is called; its future only waits.
                 drop(handle.stop(true));
@@ -361,6 +368,16 @@ impl Application {
         };
         // Dropping a server still stopping closes its connections at once.
         drop(server);
+        // Re-auctions of pending leads finish and are stored before storage closes, within
+        // what is left of the grace period (none when the stop was forced).
+        let left = match (forced, stop_began) {
+            (true, _) => Duration::ZERO,
+            (false, Some(began)) => grace.saturating_sub(began.elapsed()),
+            (false, None) => grace,
+        };
+        if !drain.stop_and_wait(left).await {
+            tracing::warn!("re-auctions still running at stop; their leads stay pending");
+        }
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "storage did not close cleanly");
         }

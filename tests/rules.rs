@@ -849,3 +849,45 @@ async fn the_breaker_opens_cools_down_probes_and_closes() {
     assert_eq!(flaky.stats.pings(), 9);
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn a_stop_waits_for_a_re_auction_in_flight_so_its_sale_is_stored() {
+    let buyer = sim("none", 0);
+    let data = data_dir();
+    let text = config(
+        &data,
+        "pending_ttl_secs = 60\nretry_interval_secs = 1",
+        &ping_buyer("slow-buyer", &buyer, ""),
+    );
+    let app = TestApp::spawn(&text).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "pending", "{body}");
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+
+    // The buyer starts bidding but takes a while to accept the post.
+    buyer.set_behaviour(Behaviour {
+        post_latency_ms: (800, 800),
+        ..bidding("22")
+    });
+    let waited = Instant::now();
+    while buyer.stats.posts() == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the re-auction never posted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stop while the post is in flight: the stop waits for the re-auction to be stored.
+    app.stop().await;
+    assert_eq!(buyer.stats.accepted(), 1);
+
+    let app = TestApp::spawn(&text).await;
+    let (status, body) = app.get_lead(KEY, &lead_id).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["status"], "sold",
+        "the accepted post was stored before the store closed: {body}"
+    );
+    assert_eq!(body["buyer_ids"], json!(["slow-buyer"]));
+    app.stop().await;
+}

@@ -66,6 +66,8 @@ pub struct CampaignServices {
     pub coord: SharedCoordinator,
     pub clock: Clock,
     pub webhooks: WebhookSender,
+    /// Lets a graceful stop wait for re-auctions in flight.
+    pub drain: crate::drain::Drain,
 }
 
 pub struct CampaignActor {
@@ -78,6 +80,7 @@ struct Shared {
     coord: SharedCoordinator,
     clock: Clock,
     webhooks: WebhookSender,
+    drain: crate::drain::Drain,
     /// A scheduler sweep is running; ticks meanwhile are skipped.
     sweeping: AtomicBool,
     /// Leads being re-auctioned on this node now.
@@ -93,6 +96,7 @@ impl CampaignActor {
                 coord: services.coord,
                 clock: services.clock,
                 webhooks: services.webhooks,
+                drain: services.drain,
                 sweeping: AtomicBool::new(false),
                 retrying: Mutex::new(HashSet::new()),
             }),
@@ -347,8 +351,12 @@ impl Shared {
                 }
             }
         }
-        for (index, result) in join_all(pings).await {
+        for (index, mut result) in join_all(pings).await {
             let buyer = &s.buyers[index];
+            if result.answered_at > ping_deadline && matches!(result.reply, PingReply::Bid { .. }) {
+                // A bid that came in after the deadline does not count: logged as a timeout.
+                result.reply = PingReply::NoBid(NoBid::Timeout);
+            }
             let bid_cents = match &result.reply {
                 PingReply::Bid { price, .. } => Some(price.cents()),
                 PingReply::NoBid(_) => None,
@@ -360,9 +368,6 @@ impl Shared {
                 latency_us: result.latency.as_micros() as u64,
             });
             if let PingReply::Bid { price, token } = result.reply {
-                if result.answered_at > ping_deadline {
-                    continue;
-                }
                 bids.push(Bid {
                     buyer: index,
                     price,
@@ -480,6 +485,10 @@ impl Shared {
     /// One scheduler tick: every pending lead now due is auctioned again or given up.
     async fn retry_due(self: &Arc<Self>) {
         let Some(policy) = self.settings.pending else {
+            return;
+        };
+        // Held for the whole tick: a stop waits until its re-auctions are stored.
+        let Some(_running) = self.drain.enter() else {
             return;
         };
         let now = self.clock.now_ms();

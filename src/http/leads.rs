@@ -339,7 +339,13 @@ async fn submit_lead(
             request_span: tracing::Span::current(),
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("campaign {}: {e}", campaign.id)))?;
+        // The campaign's mailbox closes only while the node stops: retry elsewhere.
+        .map_err(|e| {
+            tracing::warn!(campaign = %campaign.id, error = %e, "campaign not running");
+            ApiError::Overloaded {
+                retry_after_secs: 1,
+            }
+        })?;
     match outcome {
         Ok(record) => Ok(ok_json(dto::lead_answer(&record))),
         Err(AuctionError::Storage(e)) => Err(ApiError::StorageUnavailable(format!(
