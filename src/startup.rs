@@ -19,7 +19,6 @@ use crate::domain::AuctionRules;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
 use crate::ratelimit::{Clock, Limit, MemoryLimiter, SharedLimiter};
 use crate::storage::LeadStore;
-use crate::storage::embedded::EmbeddedStore;
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +70,7 @@ impl Application {
             config.buyers.iter().map(|b| b.id.get_ref().as_str()),
         );
 
-        let store: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(
-            &config.storage.path,
-            config.storage.group_commit_max,
-        )?);
+        let store: Arc<dyn LeadStore> = crate::storage::open(&config.storage).await?;
         let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
 
         // Actors live on a pool of arbiters (one per core) so buyer I/O spreads over cores.
