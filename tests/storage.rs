@@ -792,6 +792,23 @@ async fn serve_refuses_a_cluster_without_the_schema_and_migrate_is_idempotent() 
         .expect("opens once migrated");
 }
 
+#[actix_web::test]
+async fn the_exchange_does_not_start_on_a_cluster_without_the_schema() {
+    let server = CqlServer::start();
+    let text = scylla_app_config(&server, &data_dir(), "");
+    let config = Config::from_toml(&text).unwrap();
+    let refused = leadex::startup::Application::build(config, None)
+        .await
+        .err()
+        .expect("no schema, no start");
+    let message = refused.to_string();
+    assert!(
+        message.starts_with("storage: the ScyllaDB schema is missing in keyspace `leadex_test`")
+            && message.ends_with("run `leadex migrate --config FILE` first"),
+        "{message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_is_a_clear_start_up_error() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

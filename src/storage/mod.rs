@@ -21,6 +21,9 @@ pub enum StorageError {
     Closed,
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+    /// The cluster lacks tables this build needs (`leadex migrate` creates them).
+    #[error("{0}")]
+    SchemaMissing(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -112,7 +112,7 @@ pub async fn check(session: &Session, keyspace: &str) -> Result<(), StorageError
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(StorageError::Backend(format!(
+        Err(StorageError::SchemaMissing(format!(
             "the ScyllaDB schema is missing in keyspace `{keyspace}` (no table {}): run `leadex migrate --config FILE` first",
             missing.join(", ")
         )))
