@@ -2,6 +2,7 @@
 //! embedded single-node store and a cluster store are interchangeable. A write returns only
 //! once it is durable.
 
+pub mod coordination;
 pub mod embedded;
 pub mod scylla;
 pub mod spill;
