@@ -1046,7 +1046,18 @@ async fn the_spill_is_bounded_and_replayed_by_the_next_start() {
     let inner: Arc<dyn LeadStore> = Arc::new(ScyllaStore::open(&config).await.unwrap());
     let store = SpillingStore::open(inner, &spill_path, 2).unwrap();
     server.stop();
-    for sale in &sales {
+    let answer = IdempotentAnswer {
+        lead_id: sales[0].lead_id.clone(),
+        body: "{\"status\":\"sold\"}".into(),
+        created_at_ms: leadex::clock::now_ms(),
+    };
+    assert!(
+        store
+            .insert_lead(sales[0].clone(), Some(("key-0".into(), answer.clone())))
+            .await
+            .is_err()
+    );
+    for sale in &sales[1..] {
         assert!(store.insert_lead(sale.clone(), None).await.is_err());
     }
     assert_eq!(store.spilled().await, 2, "bounded at spill_max");
@@ -1079,6 +1090,14 @@ async fn the_spill_is_bounded_and_replayed_by_the_next_start() {
         Some(sales[1].clone())
     );
     assert_eq!(store.get_lead(&sales[2].lead_id).await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_idempotent(&format!("sup-{t}"), "key-0", answer.created_at_ms)
+            .await
+            .unwrap(),
+        Some(answer),
+        "a retry with the same key gets the spilled sale's answer"
+    );
     assert_eq!(store.get_lead(&unsold.lead_id).await.unwrap(), None);
     assert!(std::fs::read_to_string(&spill_path).unwrap().is_empty());
     store.close().await.unwrap();
