@@ -91,6 +91,49 @@ pub struct StorageConfig {
     /// Most writes committed together with one fsync.
     #[serde(default = "default_group_commit")]
     pub group_commit_max: usize,
+    /// `scylla`: contact points, `host:port`.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    #[serde(default = "default_keyspace")]
+    pub keyspace: String,
+    /// `scylla`, for `leadex migrate`: SimpleStrategy with this many replicas ...
+    #[serde(default)]
+    pub replication_factor: Option<u32>,
+    /// ... or NetworkTopologyStrategy with replicas per datacenter (`{ dc1 = 3 }`).
+    #[serde(default)]
+    pub datacenters: BTreeMap<String, u32>,
+    /// `scylla`: the datacenter this node prefers (token-aware within it).
+    #[serde(default)]
+    pub local_datacenter: Option<String>,
+    /// `scylla`: consistency of every read and write (`local_quorum`, `quorum`, `one`, ...).
+    #[serde(default = "default_consistency")]
+    pub consistency: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `scylla`: longest wait for one request, retries included.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// `scylla`: a read or write not answered after this long is also sent to another replica.
+    #[serde(default = "default_speculative_delay")]
+    pub speculative_delay_ms: u64,
+    /// `scylla`: rows per page of a partition read.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// `scylla`: wait for schema agreement after DDL. Only single-node test servers that do
+    /// not report schema versions need `false`.
+    #[serde(default = "default_true")]
+    pub await_schema_agreement: bool,
+    /// Sold leads whose write failed are kept here and replayed once storage is back
+    /// (default `<path>/spill.jsonl`).
+    #[serde(default)]
+    pub spill_path: Option<PathBuf>,
+    /// Most sales the spill file holds.
+    #[serde(default = "default_spill_max")]
+    pub spill_max: usize,
 }
 
 impl Default for StorageConfig {
@@ -99,7 +142,30 @@ impl Default for StorageConfig {
             backend: default_storage_backend(),
             path: default_storage_path(),
             group_commit_max: default_group_commit(),
+            nodes: Vec::new(),
+            keyspace: default_keyspace(),
+            replication_factor: None,
+            datacenters: BTreeMap::new(),
+            local_datacenter: None,
+            consistency: default_consistency(),
+            username: None,
+            password: None,
+            request_timeout_ms: default_request_timeout(),
+            connect_timeout_ms: default_connect_timeout(),
+            speculative_delay_ms: default_speculative_delay(),
+            page_size: default_page_size(),
+            await_schema_agreement: true,
+            spill_path: None,
+            spill_max: default_spill_max(),
         }
+    }
+}
+
+impl StorageConfig {
+    pub fn spill_file(&self) -> PathBuf {
+        self.spill_path
+            .clone()
+            .unwrap_or_else(|| self.path.join("spill.jsonl"))
     }
 }
 
@@ -444,6 +510,30 @@ fn default_storage_path() -> PathBuf {
 fn default_group_commit() -> usize {
     512
 }
+fn default_keyspace() -> String {
+    "leadex".to_owned()
+}
+fn default_consistency() -> String {
+    "local_quorum".to_owned()
+}
+fn default_request_timeout() -> u64 {
+    2000
+}
+fn default_connect_timeout() -> u64 {
+    5000
+}
+fn default_speculative_delay() -> u64 {
+    100
+}
+fn default_page_size() -> u32 {
+    1000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_spill_max() -> usize {
+    10_000
+}
 fn default_rl_backend() -> String {
     "memory".to_owned()
 }
@@ -483,6 +573,52 @@ fn default_breaker_cooldown() -> u64 {
 /// Time between auctions of a pending lead when only `pending_ttl_secs` is set.
 pub const DEFAULT_RETRY_INTERVAL_SECS: u64 = 60;
 
+impl StorageConfig {
+    fn scylla_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.nodes.is_empty() {
+            problems.push(
+                "storage.nodes: give at least one `host:port` for backend `scylla`".to_owned(),
+            );
+        }
+        let mut chars = self.keyspace.chars();
+        let identifier = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && self.keyspace.len() <= 48;
+        if !identifier {
+            problems.push(format!(
+                "storage.keyspace: `{}` must be lower-case letters, digits and `_`, starting with a letter",
+                self.keyspace
+            ));
+        }
+        if self.replication_factor.is_some() && !self.datacenters.is_empty() {
+            problems
+                .push("storage: replication_factor and datacenters exclude each other".to_owned());
+        }
+        if self.replication_factor == Some(0) || self.datacenters.values().any(|n| *n == 0) {
+            problems.push("storage: replica counts must be at least 1".to_owned());
+        }
+        if crate::storage::scylla::parse_consistency(&self.consistency).is_none() {
+            problems.push(format!(
+                "storage.consistency: `{}` is not one of one, two, three, quorum, all, local_quorum, each_quorum, local_one",
+                self.consistency
+            ));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            problems.push("storage: username and password go together".to_owned());
+        }
+        if !(1..=100_000).contains(&self.page_size) {
+            problems.push("storage.page_size: from 1 to 100000 rows".to_owned());
+        }
+        if self.request_timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            problems.push(
+                "storage: request_timeout_ms and connect_timeout_ms must be at least 1".to_owned(),
+            );
+        }
+        problems
+    }
+}
+
 /// Line (1-based) of a byte offset in the source text.
 fn line_of(source: &str, offset: usize) -> usize {
     source[..offset.min(source.len())]
@@ -517,9 +653,13 @@ impl Config {
 
         match self.storage.backend.as_str() {
             "embedded" => {}
+            "scylla" => problems.extend(self.storage.scylla_problems()),
             other => problems.push(format!(
-                "storage.backend: unknown backend `{other}` (this build knows `embedded`)"
+                "storage.backend: unknown backend `{other}` (this build knows `embedded` and `scylla`)"
             )),
+        }
+        if self.storage.spill_max == 0 {
+            problems.push("storage.spill_max: must be at least 1".to_owned());
         }
         match self.rate_limit.backend.as_str() {
             "memory" => {}

@@ -28,6 +28,11 @@ enum Command {
         #[arg(long)]
         log_format: Option<String>,
     },
+    /// Create the ScyllaDB keyspace and tables of [storage] (idempotent).
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run the exchange on embedded defaults with simulated buyers.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -88,6 +93,35 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| e.to_string())?;
                 app.run_until_stopped().await.map_err(|e| e.to_string())
+            });
+            report(result)
+        }
+        Command::Migrate { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("leadex: configuration error\n{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if config.storage.backend != "scylla" {
+                eprintln!(
+                    "leadex migrate: [storage] backend is `{}`; only `scylla` has a schema to apply",
+                    config.storage.backend
+                );
+                return ExitCode::from(2);
+            }
+            telemetry::init_logging(&config.server.log_format);
+            let storage = config.storage;
+            let result = actix_rt::System::new().block_on(async move {
+                let applied = leadex::storage::scylla::schema::migrate(&storage)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "schema applied to keyspace `{}` ({applied} statements)",
+                    storage.keyspace
+                );
+                Ok(())
             });
             report(result)
         }

@@ -23,7 +23,6 @@ use crate::domain::campaign::PendingPolicy;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
 use crate::ratelimit::{Clock, Limit, MemoryLimiter, SharedLimiter};
 use crate::storage::LeadStore;
-use crate::storage::embedded::EmbeddedStore;
 use crate::telemetry;
 use crate::webhooks::{WebhookSender, WebhookTarget};
 
@@ -89,10 +88,7 @@ impl Application {
             config.buyers.iter().map(|b| b.id.get_ref().as_str()),
         );
 
-        let store: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(
-            &config.storage.path,
-            config.storage.group_commit_max,
-        )?);
+        let store: Arc<dyn LeadStore> = crate::storage::open(&config.storage).await?;
         let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
         let coord: SharedCoordinator = Arc::new(MemoryCoordinator::new(store.clone()));
         let drain = crate::drain::Drain::default();

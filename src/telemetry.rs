@@ -24,6 +24,10 @@ pub const HTTP_REQUESTS_TOTAL: &str = "leadex_http_requests_total";
 pub const STORAGE_WRITE_DURATION: &str = "leadex_storage_write_duration_seconds";
 pub const STORAGE_ERRORS_TOTAL: &str = "leadex_storage_errors_total";
 pub const STORAGE_BATCH_SIZE: &str = "leadex_storage_batch_size";
+pub const STORAGE_SPILLED_TOTAL: &str = "leadex_storage_spilled_total";
+pub const STORAGE_SPILL_REPLAYED_TOTAL: &str = "leadex_storage_spill_replayed_total";
+pub const STORAGE_SPILL_DROPPED_TOTAL: &str = "leadex_storage_spill_dropped_total";
+pub const STORAGE_SPILL_PENDING: &str = "leadex_storage_spill_pending";
 pub const RATE_LIMIT_CHECK_DURATION: &str = "leadex_rate_limit_check_duration_seconds";
 pub const RATE_LIMIT_BACKEND_ERRORS: &str = "leadex_rate_limit_backend_errors_total";
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "leadex_idempotent_replays_total";
@@ -197,6 +201,22 @@ fn describe() {
         STORAGE_BATCH_SIZE,
         "Writes committed together by one group commit."
     );
+    describe_counter!(
+        STORAGE_SPILLED_TOTAL,
+        "Sold leads written to the local spill file because storage refused them."
+    );
+    describe_counter!(
+        STORAGE_SPILL_REPLAYED_TOTAL,
+        "Spilled sold leads later stored."
+    );
+    describe_counter!(
+        STORAGE_SPILL_DROPPED_TOTAL,
+        "Sold leads neither stored nor spilled (spill full or unwritable): only in the log."
+    );
+    describe_gauge!(
+        STORAGE_SPILL_PENDING,
+        "Sold leads waiting in the spill file."
+    );
     describe_histogram!(
         RATE_LIMIT_CHECK_DURATION,
         Unit::Seconds,
@@ -272,6 +292,9 @@ pub fn register_series<'a>(
     counter!(RATE_LIMITED_TOTAL).absolute(0);
     counter!(AUTH_FAILURES_TOTAL).absolute(0);
     counter!(STORAGE_ERRORS_TOTAL).absolute(0);
+    counter!(STORAGE_SPILLED_TOTAL).absolute(0);
+    counter!(STORAGE_SPILL_REPLAYED_TOTAL).absolute(0);
+    counter!(STORAGE_SPILL_DROPPED_TOTAL).absolute(0);
     counter!(RATE_LIMIT_BACKEND_ERRORS).absolute(0);
     counter!(IDEMPOTENT_REPLAYS_TOTAL).absolute(0);
     counter!(OVERLOAD_REFUSALS_TOTAL).absolute(0);

@@ -3,6 +3,10 @@
 //! once it is durable.
 
 pub mod embedded;
+pub mod scylla;
+pub mod spill;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -17,6 +21,9 @@ pub enum StorageError {
     Closed,
     #[error("stored record is unreadable: {0}")]
     Corrupt(String),
+    /// The cluster lacks tables this build needs (`leadex migrate` creates them).
+    #[error("{0}")]
+    SchemaMissing(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,4 +166,19 @@ pub trait LeadStore: Send + Sync + 'static {
 /// Days since the Unix epoch of a millisecond timestamp (UTC).
 pub fn day_of(ms: i64) -> i64 {
     ms.div_euclid(86_400_000)
+}
+
+/// Opens the configured backend (`embedded` or `scylla`) behind the spill of sold leads whose
+/// write failed.
+pub async fn open(
+    config: &crate::config::StorageConfig,
+) -> Result<Arc<spill::SpillingStore>, StorageError> {
+    let inner: Arc<dyn LeadStore> = match config.backend.as_str() {
+        "scylla" => Arc::new(self::scylla::ScyllaStore::open(config).await?),
+        _ => Arc::new(embedded::EmbeddedStore::open(
+            &config.path,
+            config.group_commit_max,
+        )?),
+    };
+    spill::SpillingStore::open(inner, &config.spill_file(), config.spill_max)
 }
