@@ -1238,8 +1238,6 @@ fn every_build_image_port_and_mounted_file_of_compose_exists() {
             );
         }
     }
-    // deploy/prometheus and deploy/grafana come with the operations work; once they are in
-    // the tree every file compose mounts from them must exist.
     from_operations.sort();
     assert_eq!(
         from_operations,
@@ -1251,18 +1249,24 @@ fn every_build_image_port_and_mounted_file_of_compose_exists() {
         ]
     );
     for source in &from_operations {
-        let folder = root.join(source.split('/').take(3).collect::<Vec<_>>().join("/"));
-        if folder.is_dir() {
-            assert!(root.join(source).exists(), "missing {source}");
-        } else {
-            eprintln!(
-                "NOT YET IN THIS TREE: {source} (provided by deploy/prometheus and deploy/grafana)"
-            );
-        }
+        assert!(root.join(source).exists(), "missing {source}");
     }
+    // Grafana's dashboards provider reads the folder compose mounts the dashboards into.
+    let provider =
+        std::fs::read_to_string(root.join("deploy/grafana/provisioning/dashboards/leadex.yml"))
+            .unwrap();
+    let provider_path = provider
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("path:"))
+        .map(|p| p.trim().to_owned())
+        .expect("the dashboards provider names a path");
+    let grafana_mounts = format!("{:?}", compose["services"]["grafana"]["volumes"]);
+    assert!(
+        grafana_mounts.contains(&format!("./deploy/grafana/dashboards:{provider_path}")),
+        "dashboards must be mounted at {provider_path}: {grafana_mounts}"
+    );
 }
 
-#[test]
 fn compose_node_configs_are_valid_leadex_configs() {
     for node in ["leadex-1", "leadex-2"] {
         let path = repo().join(format!("deploy/config/{node}.toml"));
