@@ -17,7 +17,7 @@ use crate::buyers::ReplyMapping;
 use crate::config::Config;
 use crate::domain::AuctionRules;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
-use crate::ratelimit::{Clock, Limit, MemoryLimiter, SharedLimiter};
+use crate::ratelimit::{self, Limit, SharedLimiter};
 use crate::storage::LeadStore;
 use crate::storage::embedded::EmbeddedStore;
 use crate::telemetry;
@@ -75,7 +75,9 @@ impl Application {
             &config.storage.path,
             config.storage.group_commit_max,
         )?);
-        let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
+        let limiter: SharedLimiter = ratelimit::from_config(&config.rate_limit)
+            .await
+            .map_err(StartupError::Invalid)?;
 
         // Actors live on a pool of arbiters (one per core) so buyer I/O spreads over cores.
         let arbiters: Vec<Arbiter> = (0..cores()).map(|_| Arbiter::new()).collect();
