@@ -9,12 +9,13 @@
 mod redis_server;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use hdrhistogram::Histogram;
-use leadex::ratelimit::{Clock, Limit, MemoryLimiter, RedisLimiter, RedisSettings, SharedLimiter};
+use leadex::ratelimit::{
+    Clock, Limit, MemoryLimiter, RateLimiter, RedisLimiter, RedisSettings, SharedLimiter,
+};
 use redis_server::RedisServer;
 
 /// A production-like window (60 per minute would make almost every check a refusal; 60 per
@@ -91,20 +92,91 @@ async fn sequential(limiter: SharedLimiter, name: &str) -> Histogram<u64> {
     histogram
 }
 
-/// `CALLERS` tasks checking as fast as they can for `THROUGHPUT_RUN`.
-async fn concurrent(limiter: SharedLimiter, name: &str) -> (f64, Histogram<u64>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
+/// What the concurrent callers call: the limiter as the handler does (Redis with the local
+/// fallback), or Redis alone (`RedisLimiter::check`, errors counted, nothing falls back).
+#[derive(Clone)]
+enum Target {
+    Limiter(SharedLimiter),
+    RedisOnly(Arc<RedisLimiter>),
+}
+
+impl Target {
+    /// Whether the check got an answer from where it was sent.
+    async fn check(&self, key: &str) -> bool {
+        match self {
+            Target::Limiter(limiter) => {
+                std::hint::black_box(limiter.acquire(key, LIMIT).await);
+                true
+            }
+            Target::RedisOnly(redis) => {
+                std::hint::black_box(redis.check(key, LIMIT, true).await).is_ok()
+            }
+        }
+    }
+}
+
+/// `CALLERS` tasks checking as fast as they can for `THROUGHPUT_RUN`: answered checks per
+/// second, their latency, and the checks that failed.
+async fn concurrent(target: Target, name: &str) -> (f64, Histogram<u64>, u64) {
     let keys = Arc::new(keys(&format!("conc-{name}")));
     let started = Instant::now();
+    let deadline = started + THROUGHPUT_RUN;
     let tasks: Vec<_> = (0..CALLERS)
         .map(|caller| {
-            let (limiter, stop, done, keys) =
-                (limiter.clone(), stop.clone(), done.clone(), keys.clone());
+            let (target, keys) = (target.clone(), keys.clone());
             tokio::spawn(async move {
                 let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+                let mut failed = 0u64;
                 let mut i = caller;
-                while !stop.load(Ordering::Relaxed) {
+                while Instant::now() < deadline {
+                    let at = Instant::now();
+                    if target.check(&keys[i % KEYS]).await {
+                        histogram
+                            .record(at.elapsed().as_nanos() as u64)
+                            .expect("in range");
+                    } else {
+                        failed += 1;
+                    }
+                    i += CALLERS;
+                    // The memory limiter never waits; yielding keeps the 64 callers taking
+                    // turns as request handlers would.
+                    tokio::task::yield_now().await;
+                }
+                (histogram, failed)
+            })
+        })
+        .collect();
+    let mut merged = Histogram::<u64>::new(3).expect("histogram");
+    let mut failed = 0;
+    for task in tasks {
+        let (histogram, task_failed) = task.await.expect("caller");
+        merged.add(histogram).expect("same bounds");
+        failed += task_failed;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    (merged.len() as f64 / elapsed, merged, failed)
+}
+
+/// `CALLERS` tasks together asking for `rate` checks per second (each on its own schedule),
+/// through the limiter as the handler does: the latency and how many were answered locally.
+async fn paced(limiter: Arc<RedisLimiter>, rate: u32) -> (f64, Histogram<u64>, u64) {
+    let keys = Arc::new(keys("paced"));
+    let before = limiter.fallback_checks();
+    let period = Duration::from_secs_f64(CALLERS as f64 / rate as f64);
+    let started = Instant::now();
+    let deadline = started + THROUGHPUT_RUN;
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let (limiter, keys) = (limiter.clone(), keys.clone());
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+                let mut ticks = tokio::time::interval_at(
+                    tokio::time::Instant::now() + period * caller as u32 / CALLERS as u32,
+                    period,
+                );
+                let mut i = caller;
+                while Instant::now() < deadline {
+                    ticks.tick().await;
                     let at = Instant::now();
                     std::hint::black_box(limiter.acquire(&keys[i % KEYS], LIMIT).await);
                     histogram
@@ -112,13 +184,10 @@ async fn concurrent(limiter: SharedLimiter, name: &str) -> (f64, Histogram<u64>)
                         .expect("in range");
                     i += CALLERS;
                 }
-                done.fetch_add(histogram.len(), Ordering::Relaxed);
                 histogram
             })
         })
         .collect();
-    tokio::time::sleep(THROUGHPUT_RUN).await;
-    stop.store(true, Ordering::Relaxed);
     let mut merged = Histogram::<u64>::new(3).expect("histogram");
     for task in tasks {
         merged
@@ -126,49 +195,96 @@ async fn concurrent(limiter: SharedLimiter, name: &str) -> (f64, Histogram<u64>)
             .expect("same bounds");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    (done.load(Ordering::Relaxed) as f64 / elapsed, merged)
+    let local = limiter.fallback_checks() - before;
+    (merged.len() as f64 / elapsed, merged, local)
+}
+
+/// The floor under any Redis check on this machine: a PING over the same kind of connection.
+async fn ping_floor(server: &RedisServer) -> Histogram<u64> {
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut connection = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("connection");
+    let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+    for _ in 0..SEQUENTIAL_CHECKS {
+        let started = Instant::now();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut connection)
+            .await
+            .expect("pong");
+        histogram
+            .record(started.elapsed().as_nanos() as u64)
+            .expect("in range");
+    }
+    histogram
+}
+
+fn print_latency(name: &str, h: &Histogram<u64>) {
+    println!(
+        "{name:>22}: p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
+        micros(h, 0.5),
+        micros(h, 0.99),
+        micros(h, 0.999),
+        h.max() as f64 / 1000.0
+    );
 }
 
 fn figures(runtime: &tokio::runtime::Runtime, server: &RedisServer) {
-    // The production default timeout: a check slower than this would fall back, and that
-    // is counted below.
-    let redis = runtime.block_on(redis_limiter(server, 5));
     let memory: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
+    // The production default timeout: a check slower than this is answered locally, and the
+    // figures say how many were.
+    let redis = runtime.block_on(redis_limiter(server, 5));
 
-    println!("\n== one check, sequential ({SEQUENTIAL_CHECKS} checks, {KEYS} keys) ==");
+    println!("\n== one check at a time ({SEQUENTIAL_CHECKS} checks, {KEYS} keys) ==");
     let mem = runtime.block_on(sequential(memory.clone(), "memory"));
     let red = runtime.block_on(sequential(redis.clone(), "redis"));
-    for (name, h) in [("memory", &mem), ("redis", &red)] {
-        println!(
-            "{name:>7}: p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
-            micros(h, 0.5),
-            micros(h, 0.99),
-            micros(h, 0.999),
-            h.max() as f64 / 1000.0
-        );
-    }
+    let ping = runtime.block_on(ping_floor(server));
+    print_latency("memory", &mem);
+    print_latency("redis (timeout 5 ms)", &red);
+    print_latency("redis PING floor", &ping);
     println!(
-        "redis adds at p99: {:.1} µs",
-        micros(&red, 0.99) - micros(&mem, 0.99)
-    );
-
-    println!("\n== {CALLERS} concurrent callers, {THROUGHPUT_RUN:?} ==");
-    for (name, limiter) in [
-        ("memory", memory),
-        ("redis", redis.clone() as SharedLimiter),
-    ] {
-        let (rate, h) = runtime.block_on(concurrent(limiter, name));
-        println!(
-            "{name:>7}: {rate:.0} checks/s  p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs",
-            micros(&h, 0.5),
-            micros(&h, 0.99),
-            micros(&h, 0.999)
-        );
-    }
-    println!(
-        "redis checks answered by the local fallback (timeout 5 ms): {}",
+        "redis adds at p99: {:.1} µs; checks answered locally: {}",
+        micros(&red, 0.99) - micros(&mem, 0.99),
         redis.fallback_checks()
     );
+
+    println!("\n== {CALLERS} concurrent callers, {THROUGHPUT_RUN:?} each ==");
+    let (rate, h, _) = runtime.block_on(concurrent(Target::Limiter(memory), "memory"));
+    println!("{:>22}: {rate:.0} checks/s", "memory");
+    print_latency("", &h);
+    let direct = runtime.block_on(redis_limiter(server, 1_000));
+    let (rate, h, failed) = runtime.block_on(concurrent(Target::RedisOnly(direct), "redis-only"));
+    println!(
+        "{:>22}: {rate:.0} checks/s answered by redis, {failed} failed",
+        "redis only"
+    );
+    print_latency("", &h);
+    let before = redis.fallback_checks();
+    let (rate, h, _) = runtime.block_on(concurrent(
+        Target::Limiter(redis.clone() as SharedLimiter),
+        "redis-limiter",
+    ));
+    let local = redis.fallback_checks() - before;
+    let total = h.len();
+    println!(
+        "{:>22}: {rate:.0} checks/s, of which {} answered locally (timeout 5 ms)",
+        "limiter (redis)", local
+    );
+    print_latency("", &h);
+    println!(
+        "  share answered by redis: {:.2} %",
+        100.0 * (total.saturating_sub(local)) as f64 / total.max(1) as f64
+    );
+
+    for rate in [10_000, 20_000] {
+        let limiter = runtime.block_on(redis_limiter(server, 5));
+        let (achieved, h, local) = runtime.block_on(paced(limiter, rate));
+        println!(
+            "{:>22}: {achieved:.0} checks/s achieved, {local} answered locally (timeout 5 ms)",
+            format!("paced {rate}/s")
+        );
+        print_latency("", &h);
+    }
 }
 
 fn main() {
