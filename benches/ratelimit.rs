@@ -78,18 +78,41 @@ fn micros(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-/// One caller, one check after another: the latency a single answer pays.
-async fn sequential(limiter: SharedLimiter, name: &str) -> Histogram<u64> {
-    let keys = keys(&format!("seq-{name}"));
-    let mut histogram = Histogram::<u64>::new(3).expect("histogram");
+/// One caller, one check after another: the latency a single answer pays. The memory check,
+/// the Redis check and a bare Redis PING (the floor under any Redis call here) take turns, so
+/// the machine's noise weighs on all three alike.
+async fn sequential(
+    memory: SharedLimiter,
+    redis: SharedLimiter,
+    server: &RedisServer,
+) -> [Histogram<u64>; 3] {
+    let keys = keys("seq");
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut connection = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("connection");
+    let mut histograms = [(); 3].map(|_| Histogram::<u64>::new(3).expect("histogram"));
     for i in 0..SEQUENTIAL_CHECKS {
+        let key = &keys[i % KEYS];
         let started = Instant::now();
-        std::hint::black_box(limiter.acquire(&keys[i % KEYS], LIMIT).await);
-        histogram
-            .record(started.elapsed().as_nanos() as u64)
-            .expect("in range");
+        std::hint::black_box(memory.acquire(key, LIMIT).await);
+        let memory_done = Instant::now();
+        std::hint::black_box(redis.acquire(key, LIMIT).await);
+        let redis_done = Instant::now();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut connection)
+            .await
+            .expect("pong");
+        let ping_done = Instant::now();
+        for (histogram, took) in histograms.iter_mut().zip([
+            memory_done - started,
+            redis_done - memory_done,
+            ping_done - redis_done,
+        ]) {
+            histogram.record(took.as_nanos() as u64).expect("in range");
+        }
     }
-    histogram
+    histograms
 }
 
 /// What the concurrent callers call: the limiter as the handler does (Redis with the local
@@ -199,26 +222,6 @@ async fn paced(limiter: Arc<RedisLimiter>, rate: u32) -> (f64, Histogram<u64>, u
     (merged.len() as f64 / elapsed, merged, local)
 }
 
-/// The floor under any Redis check on this machine: a PING over the same kind of connection.
-async fn ping_floor(server: &RedisServer) -> Histogram<u64> {
-    let client = redis::Client::open(server.url()).expect("url");
-    let mut connection = redis::aio::ConnectionManager::new(client)
-        .await
-        .expect("connection");
-    let mut histogram = Histogram::<u64>::new(3).expect("histogram");
-    for _ in 0..SEQUENTIAL_CHECKS {
-        let started = Instant::now();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut connection)
-            .await
-            .expect("pong");
-        histogram
-            .record(started.elapsed().as_nanos() as u64)
-            .expect("in range");
-    }
-    histogram
-}
-
 fn print_latency(name: &str, h: &Histogram<u64>) {
     println!(
         "{name:>22}: p50 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
@@ -236,9 +239,7 @@ fn figures(runtime: &tokio::runtime::Runtime, server: &RedisServer) {
     let redis = runtime.block_on(redis_limiter(server, 5));
 
     println!("\n== one check at a time ({SEQUENTIAL_CHECKS} checks, {KEYS} keys) ==");
-    let mem = runtime.block_on(sequential(memory.clone(), "memory"));
-    let red = runtime.block_on(sequential(redis.clone(), "redis"));
-    let ping = runtime.block_on(ping_floor(server));
+    let [mem, red, ping] = runtime.block_on(sequential(memory.clone(), redis.clone(), server));
     print_latency("memory", &mem);
     print_latency("redis (timeout 5 ms)", &red);
     print_latency("redis PING floor", &ping);
