@@ -221,6 +221,52 @@ async fn a_hung_redis_costs_at_most_the_timeout_then_nothing() {
     assert_eq!(shared.decision.remaining, 5 - (stored as u32 + 1));
 }
 
+#[actix_web::test]
+async fn a_node_starts_without_redis_and_joins_it_when_it_comes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let limiter = RedisLimiter::connect(
+        RedisSettings {
+            url: format!("redis://127.0.0.1:{port}"),
+            key_prefix: "s:".into(),
+            timeout: Duration::from_millis(20),
+        },
+        Clock::tokio(),
+    )
+    .await
+    .expect("a missing Redis does not stop start-up");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(limiter.is_degraded());
+    let limit = Limit::per_secs(2, 60);
+    let at = Instant::now();
+    let answers: Vec<bool> = futures::future::join_all((0..3).map(|_| limiter.acquire("k", limit)))
+        .await
+        .into_iter()
+        .map(|d| d.allowed)
+        .collect();
+    assert_eq!(answers, [true, true, false], "node-local limits apply");
+    assert!(
+        at.elapsed() < Duration::from_millis(100),
+        "no waiting on a Redis known down"
+    );
+    assert!(limiter.healthy().await.is_err());
+
+    let redis = RedisServer::start_on(port).expect("redis on the port");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while limiter.healthy().await.is_err() {
+        assert!(Instant::now() < deadline, "the limiter did not find redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        limiter.acquire("k", limit).await.allowed,
+        "a fresh shared window"
+    );
+    assert_eq!(redis.integer(&["ZCARD", "s:k"]), 1);
+}
+
 /// One `leadex serve` process; killed when dropped.
 struct Node {
     child: Child,
