@@ -332,13 +332,14 @@ impl Drop for Node {
 }
 
 /// Nodes with the same settings and the same Redis (each its own data folder: the embedded
-/// store is per node).
+/// store is per node). The Redis timeout is generous so a busy test machine cannot turn a slow
+/// answer into a fallback that would blur the exact counts.
 fn nodes(count: usize, redis: &RedisServer, rate_limit: &str, buyer: &str) -> Vec<Node> {
     (0..count)
         .map(|_| {
             let data = data_dir();
             let rate_limit = format!(
-                "backend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"it:\"\ntimeout_ms = 100\n{rate_limit}",
+                "backend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"it:\"\ntimeout_ms = 250\n{rate_limit}",
                 redis.url()
             );
             let file = data_dir().join("leadex.toml");
