@@ -569,7 +569,17 @@ async fn a_redis_outage_falls_back_is_visible_and_heals() {
         assert_eq!((a.status, a.remaining), (200, Some(29 - i)));
     }
 
-    redis.kill();
+    // Redis dies while leads are in flight on both nodes.
+    let (in_flight, ()) = futures::join!(
+        futures::future::join_all((0..10).map(|i| post(&client, &nodes[i % 2], KEY))),
+        async {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            redis.kill();
+        }
+    );
+    for a in in_flight {
+        assert_eq!(a.status, 200, "a lead in flight when Redis died");
+    }
     let mut slowest = Duration::ZERO;
     for i in 0..20 {
         let at = Instant::now();
