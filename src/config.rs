@@ -663,9 +663,23 @@ impl Config {
         }
         match self.rate_limit.backend.as_str() {
             "memory" => {}
+            "redis" => match &self.rate_limit.url {
+                None => problems.push(
+                    "rate_limit.url: backend `redis` needs a url like redis://127.0.0.1:6379"
+                        .to_owned(),
+                ),
+                Some(url) => {
+                    if let Err(e) = redis::Client::open(url.as_str()) {
+                        problems.push(format!("rate_limit.url: `{url}` is not a Redis URL: {e}"));
+                    }
+                }
+            },
             other => problems.push(format!(
-                "rate_limit.backend: unknown backend `{other}` (this build knows `memory`)"
+                "rate_limit.backend: unknown backend `{other}` (this build knows `memory` and `redis`)"
             )),
+        }
+        if self.rate_limit.timeout_ms == 0 {
+            problems.push("rate_limit.timeout_ms: must be at least 1".to_owned());
         }
         if self.rate_limit.requests == 0 || self.rate_limit.window_secs == 0 {
             problems.push("rate_limit: requests and window_secs must be at least 1".to_owned());
@@ -1120,5 +1134,25 @@ post_url = "http://127.0.0.1:9001/post"
             config.buyers[0].reply_mapping().accept_value.as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn redis_rate_limit_needs_a_redis_url() {
+        let with = |lines: &str| Config::from_toml(&format!("[rate_limit]\n{lines}\n{BASE}"));
+        let ok = with("backend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\ntimeout_ms = 3")
+            .expect("valid redis config");
+        assert_eq!(ok.rate_limit.backend, "redis");
+        assert_eq!(ok.rate_limit.key_prefix, "leadex:rl:");
+        assert_eq!(ok.rate_limit.timeout_ms, 3);
+        let missing = with("backend = \"redis\"").unwrap_err().to_string();
+        assert!(missing.contains("rate_limit.url"), "{missing}");
+        let wrong = with("backend = \"redis\"\nurl = \"http://127.0.0.1:6379\"")
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("is not a Redis URL"), "{wrong}");
+        let zero = with("backend = \"redis\"\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("timeout_ms"), "{zero}");
     }
 }

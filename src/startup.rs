@@ -21,7 +21,7 @@ use crate::coord::{MemoryCoordinator, SharedCoordinator};
 use crate::domain::AuctionRules;
 use crate::domain::campaign::PendingPolicy;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
-use crate::ratelimit::{Clock, Limit, MemoryLimiter, SharedLimiter};
+use crate::ratelimit::{self, Limit, SharedLimiter};
 use crate::storage::LeadStore;
 use crate::telemetry;
 use crate::webhooks::{WebhookSender, WebhookTarget};
@@ -89,7 +89,9 @@ impl Application {
         );
 
         let store: Arc<dyn LeadStore> = crate::storage::open(&config.storage).await?;
-        let limiter: SharedLimiter = Arc::new(MemoryLimiter::new(Clock::tokio()));
+        let limiter: SharedLimiter = ratelimit::from_config(&config.rate_limit)
+            .await
+            .map_err(StartupError::Invalid)?;
         let coord: SharedCoordinator = Arc::new(MemoryCoordinator::new(store.clone()));
         let drain = crate::drain::Drain::default();
         let webhooks = WebhookSender::new(

@@ -30,6 +30,7 @@ pub const STORAGE_SPILL_DROPPED_TOTAL: &str = "leadex_storage_spill_dropped_tota
 pub const STORAGE_SPILL_PENDING: &str = "leadex_storage_spill_pending";
 pub const RATE_LIMIT_CHECK_DURATION: &str = "leadex_rate_limit_check_duration_seconds";
 pub const RATE_LIMIT_BACKEND_ERRORS: &str = "leadex_rate_limit_backend_errors_total";
+pub const RATE_LIMIT_FALLBACK_ACTIVE: &str = "leadex_rate_limit_fallback_active";
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "leadex_idempotent_replays_total";
 pub const OVERLOAD_REFUSALS_TOTAL: &str = "leadex_overload_refusals_total";
 pub const BUILD_INFO: &str = "leadex_build_info";
@@ -225,6 +226,10 @@ fn describe() {
     describe_counter!(
         RATE_LIMIT_BACKEND_ERRORS,
         "Rate-limit checks the shared backend could not answer."
+    );
+    describe_gauge!(
+        RATE_LIMIT_FALLBACK_ACTIVE,
+        "1 while the shared rate-limit backend is given up on and node-local limits apply."
     );
     describe_counter!(
         IDEMPOTENT_REPLAYS_TOTAL,

@@ -2,14 +2,18 @@
 //! HTTP layer never knows which one runs.
 
 pub mod memory;
+pub mod redis;
 pub mod window;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use self::redis::{RedisLimiter, RedisSettings};
 pub use memory::MemoryLimiter;
 pub use window::{Decision, Limit};
+
+use crate::config::RateLimitConfig;
 
 #[async_trait]
 pub trait RateLimiter: Send + Sync + 'static {
@@ -45,3 +49,25 @@ impl Clock {
 }
 
 pub type SharedLimiter = Arc<dyn RateLimiter>;
+
+/// The limiter `[rate_limit]` asks for. A Redis that cannot be reached is not an error here:
+/// that limiter starts degraded and connects when Redis answers.
+pub async fn from_config(config: &RateLimitConfig) -> Result<SharedLimiter, String> {
+    match config.backend.as_str() {
+        "memory" => Ok(Arc::new(MemoryLimiter::new(Clock::tokio()))),
+        "redis" => {
+            let settings = RedisSettings {
+                url: config
+                    .url
+                    .clone()
+                    .ok_or("rate_limit.url: backend `redis` needs a url")?,
+                key_prefix: config.key_prefix.clone(),
+                timeout: std::time::Duration::from_millis(config.timeout_ms),
+            };
+            Ok(Arc::new(
+                RedisLimiter::connect(settings, Clock::tokio()).await?,
+            ))
+        }
+        other => Err(format!("rate_limit.backend: unknown backend `{other}`")),
+    }
+}

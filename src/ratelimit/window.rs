@@ -49,29 +49,36 @@ pub fn expire(log: &mut VecDeque<i64>, now_ms: i64, window_ms: i64) {
     }
 }
 
-/// Decides one request; when `count` and allowed, records it in `log`.
-pub fn decide(log: &mut VecDeque<i64>, now_ms: i64, limit: Limit, count: bool) -> Decision {
-    expire(log, now_ms, limit.window_ms);
-    let used = log.len() as u32;
-    if used < limit.requests {
-        if count {
-            // Clocks can step back; keep the log sorted so expiry stays a front pop.
-            let at = log.back().map_or(now_ms, |last| now_ms.max(*last));
-            log.push_back(at);
-        }
-        let used = log.len() as u32;
-        let reset_at_ms = log.front().map_or(now_ms, |t| t + limit.window_ms);
+/// What a decision needs to know about a key's log, after expiry and after recording the
+/// request when it was counted. The Redis script returns exactly these numbers, so both
+/// backends answer through `decision_from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSummary {
+    pub allowed: bool,
+    /// Requests in the window (including this one when it was counted).
+    pub used: u32,
+    /// Time of the oldest request in the window.
+    pub oldest_ms: Option<i64>,
+    /// For a refusal: time of the request whose leaving frees a slot (`used - limit` from the
+    /// front).
+    pub freeing_ms: Option<i64>,
+    pub now_ms: i64,
+}
+
+/// The headers' values for a summarised log.
+pub fn decision_from(summary: LogSummary, limit: Limit) -> Decision {
+    let now_ms = summary.now_ms;
+    let reset_at_ms = summary.oldest_ms.map_or(now_ms, |t| t + limit.window_ms);
+    if summary.allowed {
         Decision {
             allowed: true,
             limit: limit.requests,
-            remaining: limit.requests - used.min(limit.requests),
+            remaining: limit.requests - summary.used.min(limit.requests),
             reset_at_ms,
             retry_after_ms: 0,
         }
     } else {
-        // The request that frees a slot is the one `used - requests` from the front.
-        let freeing = log[(used - limit.requests) as usize];
-        let reset_at_ms = log.front().map_or(now_ms, |t| t + limit.window_ms);
+        let freeing = summary.freeing_ms.or(summary.oldest_ms).unwrap_or(now_ms);
         Decision {
             allowed: false,
             limit: limit.requests,
@@ -80,6 +87,34 @@ pub fn decide(log: &mut VecDeque<i64>, now_ms: i64, limit: Limit, count: bool) -
             retry_after_ms: (freeing + limit.window_ms - now_ms).max(1),
         }
     }
+}
+
+/// Decides one request; when `count` and allowed, records it in `log`.
+pub fn decide(log: &mut VecDeque<i64>, now_ms: i64, limit: Limit, count: bool) -> Decision {
+    expire(log, now_ms, limit.window_ms);
+    let allowed = (log.len() as u32) < limit.requests;
+    if allowed && count {
+        // Clocks can step back; keep the log sorted so expiry stays a front pop.
+        let at = log.back().map_or(now_ms, |last| now_ms.max(*last));
+        log.push_back(at);
+    }
+    let used = log.len() as u32;
+    let freeing_ms = if allowed {
+        None
+    } else {
+        // The request that frees a slot is the one `used - requests` from the front.
+        log.get((used - limit.requests) as usize).copied()
+    };
+    decision_from(
+        LogSummary {
+            allowed,
+            used,
+            oldest_ms: log.front().copied(),
+            freeing_ms,
+            now_ms,
+        },
+        limit,
+    )
 }
 
 #[cfg(test)]
