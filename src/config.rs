@@ -67,6 +67,10 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for auctions in flight before exiting anyway.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Load balancers (addresses or CIDR ranges) whose `X-Forwarded-For` names the client;
+    /// from anyone else the header is ignored, as a caller could forge it.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +81,7 @@ impl Default for ServerConfig {
             max_in_flight_auctions: default_max_in_flight(),
             log_format: default_log_format(),
             shutdown_grace_secs: default_grace(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -619,6 +624,16 @@ impl StorageConfig {
     }
 }
 
+/// An address (`10.0.0.7`) or range (`172.16.0.0/12`) of `trusted_proxies`.
+pub fn parse_proxy(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
+}
+
 /// Line (1-based) of a byte offset in the source text.
 fn line_of(source: &str, offset: usize) -> usize {
     source[..offset.min(source.len())]
@@ -689,6 +704,13 @@ impl Config {
                 "server.log_format: `{}` is not `text` or `json`",
                 self.server.log_format
             ));
+        }
+        for proxy in &self.server.trusted_proxies {
+            if parse_proxy(proxy).is_none() {
+                problems.push(format!(
+                    "server.trusted_proxies: `{proxy}` is not an IP address or CIDR range"
+                ));
+            }
         }
         if self.server.listen.parse::<SocketAddr>().is_err() {
             problems.push(format!(

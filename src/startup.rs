@@ -272,6 +272,12 @@ impl Application {
             idempotency_locks: Mutex::new(HashMap::new()),
             ids: Mutex::new(ulid::Generator::new()),
             metrics,
+            trusted_proxies: config
+                .server
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| crate::config::parse_proxy(p))
+                .collect(),
         });
 
         let workers = if config.server.workers == 0 {

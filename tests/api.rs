@@ -1126,3 +1126,54 @@ fn openapi_error_names_are_the_code_s() {
         );
     }
 }
+
+#[actix_web::test]
+async fn forwarded_addresses_count_only_behind_a_trusted_proxy() {
+    let buyer = sim("10", 0);
+    let limits = "requests = 100\nauth_failures = 2\nauth_failure_window_secs = 60";
+    let behind_proxy = config_with(&data_dir(), limits, "", &ping_buyer("a", &buyer, "")).replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    let app = TestApp::spawn(&behind_proxy).await;
+    let attempt = |forwarded: &'static str, key: &'static str| {
+        let request = app
+            .client
+            .post(app.url("/api/leads"))
+            .bearer_auth(key)
+            .header("X-Forwarded-For", forwarded)
+            .json(&lead());
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(attempt("203.0.113.5", "guess-1").await, 401);
+    assert_eq!(attempt("203.0.113.5", "guess-2").await, 401);
+    assert_eq!(
+        attempt("203.0.113.5", "guess-3").await,
+        429,
+        "that client is blocked"
+    );
+    assert_eq!(
+        attempt("198.51.100.7, 127.0.0.9", KEY).await,
+        200,
+        "another client behind the same proxy is not"
+    );
+    app.stop().await;
+
+    // Without trusted proxies the header is ignored: a forger cannot spread guesses over
+    // made-up addresses.
+    let direct = config_with(&data_dir(), limits, "", &ping_buyer("a", &buyer, ""));
+    let app = TestApp::spawn(&direct).await;
+    let attempt = |forwarded: &'static str| {
+        let request = app
+            .client
+            .post(app.url("/api/leads"))
+            .bearer_auth("guess")
+            .header("X-Forwarded-For", forwarded)
+            .json(&lead());
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(attempt("203.0.113.1").await, 401);
+    assert_eq!(attempt("203.0.113.2").await, 401);
+    assert_eq!(attempt("203.0.113.3").await, 429);
+    app.stop().await;
+}

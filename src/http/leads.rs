@@ -31,17 +31,36 @@ fn bearer_key(req: &HttpRequest) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-fn client_address(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+/// The client's address: the peer, or, when the peer is a trusted load balancer, the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+fn client_address(req: &HttpRequest, trusted: &[ipnet::IpNet]) -> String {
+    let Some(peer) = req.peer_addr().map(|a| a.ip()) else {
+        return "unknown".into();
+    };
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer.to_string();
+    }
+    let forwarded = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .collect::<Vec<_>>();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
+        .to_string()
 }
 
 /// Authentication, then the key's rate limit. Failed authentication is itself limited per
 /// client address; an address over that limit is refused before its key is even looked at,
 /// so a correct guess cannot be told apart.
 async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Caller, ApiError> {
-    let address_key = format!("authfail:{}", client_address(req));
+    let address_key = format!("authfail:{}", client_address(req, &state.trusted_proxies));
     let failures = state
         .limiter
         .peek(&address_key, state.auth_failure_limit)
@@ -276,7 +295,7 @@ async fn submit_lead(
                 .store
                 .get_idempotent(&supplier.id, key, crate::clock::now_ms())
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()));
+                .map_err(|e| ApiError::StorageUnavailable(e.to_string()));
             let stored = match stored {
                 Ok(stored) => stored,
                 Err(e) => {
@@ -412,7 +431,7 @@ pub async fn status(
             .store
             .get_lead(&lead_id)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| ApiError::StorageUnavailable(e.to_string()))?;
         match record {
             Some(record) if record.supplier_id == state.suppliers[caller.supplier].id => {
                 Ok(ok_json(dto::status_answer(&record)))

@@ -59,6 +59,8 @@ pub struct AppState {
     pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub ids: Mutex<ulid::Generator>,
     pub metrics: PrometheusHandle,
+    /// Peers whose `X-Forwarded-For` is believed (the load balancers).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl AppState {
