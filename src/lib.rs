@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod http;
+pub mod loadgen;
 pub mod ratelimit;
 pub mod sim;
 pub mod startup;
