@@ -39,7 +39,9 @@ work="$(mktemp -d -t leadex-load-XXXXXX)"
 out="${OUT:-$work/results}"
 mkdir -p "$out"
 summary="$out/summary.tsv"
+cpu="$out/cpu.tsv"
 : >"$summary"
+: >"$cpu"
 
 pids=()
 cleanup() {
@@ -173,54 +175,73 @@ for port in $(seq $((FAST_BASE_PORT + 1)) $((FAST_BASE_PORT + 5))) \
   wait_port "$port"
 done
 leadex_pid="${pids[10]}"
+baseline_fast_pid="${pids[11]}"
+baseline_slow_pid="${pids[12]}"
 
-# One loadgen run; $1 label, $2 target port, $3 category, then extra loadgen flags.
+ticks_per_sec="$(getconf CLK_TCK)"
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# One loadgen run; $1 label, $2 target port, $3 target pid, $4 category, then loadgen flags.
+# Also records the target's CPU time per lead answered (`cpu.tsv`), a figure the other
+# engineers' load on a shared machine disturbs far less than latency.
 drive() {
-  local label="$1" port="$2" category="$3"
-  shift 3
+  local label="$1" port="$2" pid="$3" category="$4" before after sent
+  shift 4
+  before="$(cpu_ticks "$pid")"
   "$bin/leadex" loadgen --target "http://127.0.0.1:$port" --keys-file "$keys_file" \
     --seller LOAD0001 --category "$category" --duration-secs "$DURATION" \
     --warmup-secs "$WARMUP" --timeout-ms 5000 --slo-p99-ms "$SLO_P99_MS" \
     --label "$label" --summary-file "$summary" "$@"
-  echo "  load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
+  after="$(cpu_ticks "$pid")"
+  # Warm-up leads cost CPU too, so divide by everything the driver sent.
+  sent="$(awk -F'\t' -v l="$label" '$1 == l {a = $17} END {print a + 0}' "$summary")"
+  awk -v b="$before" -v a="$after" -v hz="$ticks_per_sec" -v sent="$sent" -v l="$label" 'BEGIN {
+      us = sent > 0 ? (a - b) / hz * 1e6 / sent : 0
+      printf "%s\t%.0f\n", l, us
+    }' >>"$cpu"
+  echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
 }
 
 echo
 echo "### buyers answering in 0 ms (overhead = answer time)"
 for rate in $RATES; do
-  drive "leadex/0ms/$rate" "$LEADEX_PORT" "Auto Insurance" --rate "$rate"
-  drive "baseline/0ms/$rate" "$BASELINE_FAST_PORT" "Auto Insurance" --rate "$rate"
+  drive "leadex/0ms/$rate" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate "$rate"
+  drive "baseline/0ms/$rate" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate "$rate"
 done
 if [ "$CLOSED" -gt 0 ]; then
   echo
   echo "### saturation: closed loop, $CLOSED senders, buyers answering in 0 ms"
-  drive "leadex/0ms/closed$CLOSED" "$LEADEX_PORT" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
-  drive "baseline/0ms/closed$CLOSED" "$BASELINE_FAST_PORT" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+  drive "leadex/0ms/closed$CLOSED" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+  drive "baseline/0ms/closed$CLOSED" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
 fi
 
 echo
 echo "### buyers answering in 20-80 ms, ${PING_TIMEOUT_MS} ms deadline"
 for rate in $SLOW_RATES; do
-  drive "leadex/20-80ms/$rate" "$LEADEX_PORT" "Home Insurance" --rate "$rate"
-  drive "baseline/20-80ms/$rate" "$BASELINE_SLOW_PORT" "Home Insurance" --rate "$rate"
+  drive "leadex/20-80ms/$rate" "$LEADEX_PORT" "$leadex_pid" "Home Insurance" --rate "$rate"
+  drive "baseline/20-80ms/$rate" "$BASELINE_SLOW_PORT" "$baseline_slow_pid" "Home Insurance" --rate "$rate"
 done
 
 echo
 echo "### leadex / baseline (same run, same buyers)"
 awk -F'\t' '
-  NR == 1 { next }
+  FNR == NR { cpu[$1] = $2; next }
+  FNR == 1 { next }
   {
     split($1, part, "/")
     key = part[2] "/" part[3]
     if (!(key in seen)) { seen[key] = 1; order[++n] = key }
-    ach[part[1], key] = $4; p50[part[1], key] = $9; p99[part[1], key] = $11; err[part[1], key] = $8
+    ach[part[1], key] = $4; p50[part[1], key] = $9; p99[part[1], key] = $11
   }
   END {
-    printf "%-18s %12s %12s %7s %10s %10s %10s %10s\n", "buyers/rate", "leadex/s", "baseline/s", "ratio", "p50 ms", "base p50", "p99 ms", "base p99"
+    printf "%-18s %10s %10s %6s %9s %9s %9s %9s %8s %8s %6s\n", "buyers/rate", "leadex/s", "base/s", "ratio", "p50 ms", "base p50", "p99 ms", "base p99", "us/lead", "base us", "ratio"
     for (i = 1; i <= n; i++) {
       k = order[i]
       if (!(("leadex", k) in ach) || !(("baseline", k) in ach)) continue
       r = ach["baseline", k] > 0 ? ach["leadex", k] / ach["baseline", k] : 0
-      printf "%-18s %12.1f %12.1f %7.2f %10.2f %10.2f %10.2f %10.2f\n", k, ach["leadex", k], ach["baseline", k], r, p50["leadex", k], p50["baseline", k], p99["leadex", k], p99["baseline", k]
+      cl = cpu["leadex/" k]; cb = cpu["baseline/" k]
+      cr = cb > 0 ? cl / cb : 0
+      printf "%-18s %10.1f %10.1f %6.2f %9.2f %9.2f %9.2f %9.2f %8d %8d %6.2f\n", k, ach["leadex", k], ach["baseline", k], r, p50["leadex", k], p50["baseline", k], p99["leadex", k], p99["baseline", k], cl, cb, cr
     }
-  }' "$summary"
+  }' "$cpu" "$summary"

@@ -314,6 +314,8 @@ pub struct Summary {
     pub service_ms: [f64; 5],
     pub overhead_ms: [f64; 5],
     pub errors: Vec<(String, u64)>,
+    /// Every request sent, warm-up included (for CPU-per-lead figures).
+    pub sent_total: u64,
 }
 
 fn quantiles_ms(h: &Histogram<u64>) -> [f64; 5] {
@@ -465,6 +467,7 @@ pub fn drive(args: &LoadgenArgs) -> Result<Summary, String> {
             .iter()
             .map(|(why, n)| (why.label(), *n))
             .collect(),
+        sent_total: shared.sent.load(Ordering::Relaxed),
     })
 }
 
@@ -637,7 +640,7 @@ pub fn render(args: &LoadgenArgs, s: &Summary) -> String {
     out
 }
 
-const SUMMARY_HEADER: &str = "label\tmode\toffered\tachieved\tanswered\tsold\tpending\terrors\tp50_ms\tp90_ms\tp99_ms\tp999_ms\tmax_ms\toverhead_p50_ms\toverhead_p99_ms\terror_kinds";
+const SUMMARY_HEADER: &str = "label\tmode\toffered\tachieved\tanswered\tsold\tpending\terrors\tp50_ms\tp90_ms\tp99_ms\tp999_ms\tmax_ms\toverhead_p50_ms\toverhead_p99_ms\terror_kinds\tsent_total";
 
 fn append_summary(path: &std::path::Path, s: &Summary) -> std::io::Result<()> {
     let new = !path.exists() || std::fs::metadata(path)?.len() == 0;
@@ -651,7 +654,7 @@ fn append_summary(path: &std::path::Path, s: &Summary) -> std::io::Result<()> {
     let kinds: Vec<String> = s.errors.iter().map(|(k, n)| format!("{k}={n}")).collect();
     writeln!(
         file,
-        "{}\t{}\t{}\t{:.1}\t{}\t{}\t{}\t{}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{}",
+        "{}\t{}\t{}\t{:.1}\t{}\t{}\t{}\t{}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\t{}\t{}",
         s.label,
         s.mode,
         s.offered_per_sec
@@ -672,7 +675,8 @@ fn append_summary(path: &std::path::Path, s: &Summary) -> std::io::Result<()> {
             "-".to_owned()
         } else {
             kinds.join(",")
-        }
+        },
+        s.sent_total
     )
 }
 
