@@ -9,16 +9,19 @@
 #   RATES="500 1000" DURATION=10 load-tests/run.sh
 #   SKIP_BUILD=1 load-tests/run.sh            # reuse target/release
 #
-# Environment: RATES (open-loop leads/s, 0 ms buyers), SLOW_RATES (20-80 ms buyers),
+# Environment: RATES (open-loop leads/s, 0 ms buyers), SLOW_RATES (20-80 ms buyers; either
+# may be empty to skip it),
 # DURATION and WARMUP (seconds per run), KEYS (supplier keys), CLOSED (senders of the
 # closed-loop saturation run, 0 to skip), SKIP_BUILD, BIN_DIR (binaries, default the release
 # folder of CARGO_TARGET_DIR or target), OUT (folder kept for the results),
-# RUST_LOG (leadex's log level, default info as in production).
+# STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
+# /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
+# default info as in production).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RATES="${RATES:-500 1000 2000}"
-SLOW_RATES="${SLOW_RATES:-500 1000 2000}"
+RATES="${RATES-500 1000 2000}"
+SLOW_RATES="${SLOW_RATES-500 1000 2000}"
 DURATION="${DURATION:-15}"
 WARMUP="${WARMUP:-3}"
 KEYS="${KEYS:-50}"
@@ -37,6 +40,7 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 bin="${BIN_DIR:-$target_dir/release}"
 work="$(mktemp -d -t leadex-load-XXXXXX)"
 out="${OUT:-$work/results}"
+data_dir="$(mktemp -d -p "${STORE_DIR:-$work}" leadex-data-XXXXXX)"
 mkdir -p "$out"
 summary="$out/summary.tsv"
 cpu="$out/cpu.tsv"
@@ -52,7 +56,7 @@ cleanup() {
   for pid in "${pids[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
-  rm -rf "$work/data"
+  rm -rf "$data_dir"
   echo "stopped ${#pids[@]} processes; results in $out"
 }
 trap cleanup EXIT
@@ -111,7 +115,7 @@ listen = "127.0.0.1:$LEADEX_PORT"
 
 [storage]
 backend = "embedded"
-path = "$work/data"
+path = "$data_dir"
 
 [rate_limit]
 requests = 100000000
@@ -148,8 +152,10 @@ sellers = ["LOAD0001"]
 api_key_sha256 = ["$(printf %s "$key" | sha256sum | cut -d' ' -f1)"]
 EOF
 done
-for i in 1 2 3 4 5; do
-  for kind in fast slow; do
+# Fast buyers first, then slow ones: leadex places actors on its arbiters round-robin in
+# config order, so this spreads each campaign's buyers over the cores.
+for kind in fast slow; do
+  for i in 1 2 3 4 5; do
     if [ "$kind" = fast ]; then url="${fast_urls[$((i - 1))]}"; else url="${slow_urls[$((i - 1))]}"; fi
     cat >>"$config" <<EOF
 
@@ -181,26 +187,30 @@ baseline_slow_pid="${pids[12]}"
 ticks_per_sec="$(getconf CLK_TCK)"
 # CPU time (user + system, clock ticks) a process has used so far.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Context switches of all of a process's threads so far.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
 
 # One loadgen run; $1 label, $2 target port, $3 target pid, $4 category, then loadgen flags.
 # Also records the target's CPU time per lead answered (`cpu.tsv`), a figure the other
 # engineers' load on a shared machine disturbs far less than latency.
 drive() {
-  local label="$1" port="$2" pid="$3" category="$4" before after sent
+  local label="$1" port="$2" pid="$3" category="$4" before after sent switched
   shift 4
   before="$(cpu_ticks "$pid")"
+  switched="$(switches "$pid")"
   "$bin/leadex" loadgen --target "http://127.0.0.1:$port" --keys-file "$keys_file" \
     --seller LOAD0001 --category "$category" --duration-secs "$DURATION" \
     --warmup-secs "$WARMUP" --timeout-ms 5000 --slo-p99-ms "$SLO_P99_MS" \
     --label "$label" --summary-file "$summary" "$@"
   after="$(cpu_ticks "$pid")"
+  switched=$(($(switches "$pid") - switched))
   # Warm-up leads cost CPU too, so divide by everything the driver sent.
   sent="$(awk -F'\t' -v l="$label" '$1 == l {a = $17} END {print a + 0}' "$summary")"
   awk -v b="$before" -v a="$after" -v hz="$ticks_per_sec" -v sent="$sent" -v l="$label" 'BEGIN {
       us = sent > 0 ? (a - b) / hz * 1e6 / sent : 0
       printf "%s\t%.0f\n", l, us
     }' >>"$cpu"
-  echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
+  echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead, $(awk -v s="$switched" -v n="$sent" 'BEGIN {printf "%.1f", (n > 0 ? s / n : 0)}') context switches per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
 }
 
 echo
