@@ -56,7 +56,10 @@ cleanup() {
   for pid in "${pids[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
-  rm -rf "$data_dir"
+  rm -rf "$data_dir" "$work/leadex.toml"
+  if [ -n "${OUT:-}" ]; then
+    rm -rf "$work"
+  fi
   echo "stopped ${#pids[@]} processes; results in $out"
 }
 trap cleanup EXIT
