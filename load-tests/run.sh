@@ -57,6 +57,11 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
   done
   rm -rf "$data_dir" "$work/leadex.toml"
+  # leadex logs two lines per lead at info (hundreds of MB per run): keep the end only.
+  if [ -f "$out/leadex.log" ]; then
+    tail -n 2000 "$out/leadex.log" >"$out/leadex.log.tail" 2>/dev/null || true
+    rm -f "$out/leadex.log"
+  fi
   if [ -n "${OUT:-}" ]; then
     rm -rf "$work"
   fi
