@@ -9,6 +9,7 @@ pub mod demo;
 pub mod domain;
 pub mod drain;
 pub mod http;
+pub mod loadgen;
 pub mod ratelimit;
 pub mod sim;
 pub mod startup;

@@ -70,6 +70,8 @@ enum Command {
     HashKey,
     /// Generate a strong new API key and print it with its sha-256.
     Keygen,
+    /// Drive `POST /api/leads` open-loop at a fixed rate and print latency and outcomes.
+    Loadgen(leadex::loadgen::LoadgenArgs),
 }
 
 fn main() -> ExitCode {
@@ -184,6 +186,7 @@ fn main() -> ExitCode {
             println!("api key:        {key}\napi_key_sha256: {}", hash_key(&key));
             ExitCode::SUCCESS
         }
+        Command::Loadgen(args) => report(leadex::loadgen::run(args)),
     }
 }
 

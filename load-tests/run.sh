@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Load runs on this machine, everything on 127.0.0.1: builds release, starts ten buyer
+# simulators (five answering in 0 ms, five in 20-80 ms), leadex on embedded defaults (durable
+# group commit, memory limiter on) and the bare fan-out baseline, drives both open-loop at
+# each rate with `leadex loadgen`, prints every table and a leadex/baseline comparison, and
+# stops everything it started. Every run is bounded: RATES x (WARMUP + DURATION) seconds.
+#
+#   load-tests/run.sh                         # defaults below
+#   RATES="500 1000" DURATION=10 load-tests/run.sh
+#   SKIP_BUILD=1 load-tests/run.sh            # reuse target/release
+#
+# Environment: RATES (open-loop leads/s, 0 ms buyers), SLOW_RATES (20-80 ms buyers; either
+# may be empty to skip it),
+# DURATION and WARMUP (seconds per run), KEYS (supplier keys), CLOSED (senders of the
+# closed-loop saturation run, 0 to skip), SKIP_BUILD, BIN_DIR (binaries, default the release
+# folder of CARGO_TARGET_DIR or target), OUT (folder kept for the results),
+# STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
+# /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
+# default info as in production).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATES="${RATES-500 1000 2000}"
+SLOW_RATES="${SLOW_RATES-500 1000 2000}"
+DURATION="${DURATION:-15}"
+WARMUP="${WARMUP:-3}"
+KEYS="${KEYS:-50}"
+CLOSED="${CLOSED:-64}"
+SKIP_BUILD="${SKIP_BUILD:-0}"
+LEADEX_PORT="${LEADEX_PORT:-18080}"
+FAST_BASE_PORT=19100
+SLOW_BASE_PORT=19110
+BASELINE_FAST_PORT=18091
+BASELINE_SLOW_PORT=18092
+PING_TIMEOUT_MS=300
+POST_TIMEOUT_MS=1000
+SLO_P99_MS=$((PING_TIMEOUT_MS + 50))
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+bin="${BIN_DIR:-$target_dir/release}"
+work="$(mktemp -d -t leadex-load-XXXXXX)"
+out="${OUT:-$work/results}"
+data_dir="$(mktemp -d -p "${STORE_DIR:-$work}" leadex-data-XXXXXX)"
+mkdir -p "$out"
+summary="$out/summary.tsv"
+cpu="$out/cpu.tsv"
+: >"$summary"
+: >"$cpu"
+
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$data_dir" "$work/leadex.toml"
+  # leadex logs two lines per lead at info (hundreds of MB per run): keep the end only.
+  if [ -f "$out/leadex.log" ]; then
+    tail -n 2000 "$out/leadex.log" >"$out/leadex.log.tail" 2>/dev/null || true
+    rm -f "$out/leadex.log"
+  fi
+  if [ -n "${OUT:-}" ]; then
+    rm -rf "$work"
+  fi
+  echo "stopped ${#pids[@]} processes; results in $out"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "$SKIP_BUILD" != 1 ]; then
+  cargo build --release --bins
+fi
+for b in leadex fanout-baseline; do
+  [ -x "$bin/$b" ] || { echo "missing $bin/$b (build first)" >&2; exit 1; }
+done
+
+# Waits until something listens on 127.0.0.1:$1 (at most 10 s).
+wait_port() {
+  local i
+  for i in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+
+start() {
+  local log="$1"
+  shift
+  "$@" >"$log" 2>&1 &
+  pids+=("$!")
+}
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(uptime)"
+
+# Buyer simulators: bids spread so auctions have a clear winner, every post accepted.
+fast_urls=()
+slow_urls=()
+for i in 1 2 3 4 5; do
+  port=$((FAST_BASE_PORT + i))
+  start "$out/buyer-fast-$i.log" "$bin/leadex" buyer-sim --listen "127.0.0.1:$port" \
+    --bid "$((5 + i * 3))-$((20 + i * 5))" --latency-ms 0
+  fast_urls+=("http://127.0.0.1:$port")
+  port=$((SLOW_BASE_PORT + i))
+  start "$out/buyer-slow-$i.log" "$bin/leadex" buyer-sim --listen "127.0.0.1:$port" \
+    --bid "$((5 + i * 3))-$((20 + i * 5))" --latency-ms 20-80
+  slow_urls+=("http://127.0.0.1:$port")
+done
+
+# Supplier keys and the exchange's config: one supplier per key, limits far above the load.
+keys_file="$out/keys.txt"
+: >"$keys_file"
+config="$work/leadex.toml"
+cat >"$config" <<EOF
+[server]
+listen = "127.0.0.1:$LEADEX_PORT"
+
+[storage]
+backend = "embedded"
+path = "$data_dir"
+
+[rate_limit]
+requests = 100000000
+window_secs = 60
+
+[[sellers]]
+code = "LOAD0001"
+slug = "load"
+
+[[campaigns]]
+id = "load-fast"
+seller = "LOAD0001"
+category = "Auto Insurance"
+ping_timeout_ms = $PING_TIMEOUT_MS
+post_timeout_ms = $POST_TIMEOUT_MS
+floor_price = 1.0
+
+[[campaigns]]
+id = "load-slow"
+seller = "LOAD0001"
+category = "Home Insurance"
+ping_timeout_ms = $PING_TIMEOUT_MS
+post_timeout_ms = $POST_TIMEOUT_MS
+floor_price = 1.0
+EOF
+for i in $(seq 1 "$KEYS"); do
+  key="lx_load_${i}_$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+  echo "$key" >>"$keys_file"
+  cat >>"$config" <<EOF
+
+[[suppliers]]
+id = "load-$i"
+sellers = ["LOAD0001"]
+api_key_sha256 = ["$(printf %s "$key" | sha256sum | cut -d' ' -f1)"]
+EOF
+done
+# Fast buyers first, then slow ones: leadex places actors on its arbiters round-robin in
+# config order, so this spreads each campaign's buyers over the cores.
+for kind in fast slow; do
+  for i in 1 2 3 4 5; do
+    if [ "$kind" = fast ]; then url="${fast_urls[$((i - 1))]}"; else url="${slow_urls[$((i - 1))]}"; fi
+    cat >>"$config" <<EOF
+
+[[buyers]]
+id = "$kind-$i"
+campaigns = ["load-$kind"]
+ping_url = "$url/ping"
+post_url = "$url/post"
+max_in_flight = 8192
+EOF
+  done
+done
+cp "$config" "$out/leadex.toml"
+
+start "$out/leadex.log" "$bin/leadex" serve --config "$config"
+start "$out/baseline-fast.log" "$bin/fanout-baseline" --listen "127.0.0.1:$BASELINE_FAST_PORT" \
+  --buyers "$(IFS=,; echo "${fast_urls[*]}")" --ping-timeout-ms "$PING_TIMEOUT_MS" --post-timeout-ms "$POST_TIMEOUT_MS"
+start "$out/baseline-slow.log" "$bin/fanout-baseline" --listen "127.0.0.1:$BASELINE_SLOW_PORT" \
+  --buyers "$(IFS=,; echo "${slow_urls[*]}")" --ping-timeout-ms "$PING_TIMEOUT_MS" --post-timeout-ms "$POST_TIMEOUT_MS"
+for port in $(seq $((FAST_BASE_PORT + 1)) $((FAST_BASE_PORT + 5))) \
+  $(seq $((SLOW_BASE_PORT + 1)) $((SLOW_BASE_PORT + 5))) \
+  "$LEADEX_PORT" "$BASELINE_FAST_PORT" "$BASELINE_SLOW_PORT"; do
+  wait_port "$port"
+done
+leadex_pid="${pids[10]}"
+baseline_fast_pid="${pids[11]}"
+baseline_slow_pid="${pids[12]}"
+
+ticks_per_sec="$(getconf CLK_TCK)"
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Context switches of all of a process's threads so far.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
+
+# One loadgen run; $1 label, $2 target port, $3 target pid, $4 category, then loadgen flags.
+# Also records the target's CPU time per lead answered (`cpu.tsv`), a figure the other
+# engineers' load on a shared machine disturbs far less than latency.
+drive() {
+  local label="$1" port="$2" pid="$3" category="$4" before after sent switched
+  shift 4
+  before="$(cpu_ticks "$pid")"
+  switched="$(switches "$pid")"
+  "$bin/leadex" loadgen --target "http://127.0.0.1:$port" --keys-file "$keys_file" \
+    --seller LOAD0001 --category "$category" --duration-secs "$DURATION" \
+    --warmup-secs "$WARMUP" --timeout-ms 5000 --slo-p99-ms "$SLO_P99_MS" \
+    --label "$label" --summary-file "$summary" "$@"
+  after="$(cpu_ticks "$pid")"
+  switched=$(($(switches "$pid") - switched))
+  # Warm-up leads cost CPU too, so divide by everything the driver sent.
+  sent="$(awk -F'\t' -v l="$label" '$1 == l {a = $17} END {print a + 0}' "$summary")"
+  awk -v b="$before" -v a="$after" -v hz="$ticks_per_sec" -v sent="$sent" -v l="$label" 'BEGIN {
+      us = sent > 0 ? (a - b) / hz * 1e6 / sent : 0
+      printf "%s\t%.0f\n", l, us
+    }' >>"$cpu"
+  echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead, $(awk -v s="$switched" -v n="$sent" 'BEGIN {printf "%.1f", (n > 0 ? s / n : 0)}') context switches per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
+}
+
+echo
+echo "### buyers answering in 0 ms (overhead = answer time)"
+for rate in $RATES; do
+  drive "leadex/0ms/$rate" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate "$rate"
+  drive "baseline/0ms/$rate" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate "$rate"
+done
+if [ "$CLOSED" -gt 0 ]; then
+  echo
+  echo "### saturation: closed loop, $CLOSED senders, buyers answering in 0 ms"
+  drive "leadex/0ms/closed$CLOSED" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+  drive "baseline/0ms/closed$CLOSED" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+fi
+
+echo
+echo "### buyers answering in 20-80 ms, ${PING_TIMEOUT_MS} ms deadline"
+for rate in $SLOW_RATES; do
+  drive "leadex/20-80ms/$rate" "$LEADEX_PORT" "$leadex_pid" "Home Insurance" --rate "$rate"
+  drive "baseline/20-80ms/$rate" "$BASELINE_SLOW_PORT" "$baseline_slow_pid" "Home Insurance" --rate "$rate"
+done
+
+echo
+echo "### leadex / baseline (same run, same buyers)"
+awk -F'\t' '
+  FNR == NR { cpu[$1] = $2; next }
+  FNR == 1 { next }
+  {
+    split($1, part, "/")
+    key = part[2] "/" part[3]
+    if (!(key in seen)) { seen[key] = 1; order[++n] = key }
+    ach[part[1], key] = $4; p50[part[1], key] = $9; p99[part[1], key] = $11
+  }
+  END {
+    printf "%-18s %10s %10s %6s %9s %9s %9s %9s %8s %8s %6s\n", "buyers/rate", "leadex/s", "base/s", "ratio", "p50 ms", "base p50", "p99 ms", "base p99", "us/lead", "base us", "ratio"
+    for (i = 1; i <= n; i++) {
+      k = order[i]
+      if (!(("leadex", k) in ach) || !(("baseline", k) in ach)) continue
+      r = ach["baseline", k] > 0 ? ach["leadex", k] / ach["baseline", k] : 0
+      cl = cpu["leadex/" k]; cb = cpu["baseline/" k]
+      cr = cb > 0 ? cl / cb : 0
+      printf "%-18s %10.1f %10.1f %6.2f %9.2f %9.2f %9.2f %9.2f %8d %8d %6.2f\n", k, ach["leadex", k], ach["baseline", k], r, p50["leadex", k], p50["baseline", k], p99["leadex", k], p99["baseline", k], cl, cb, cr
+    }
+  }' "$cpu" "$summary"
