@@ -547,10 +547,25 @@ async fn a_redis_outage_refuses_capped_buyers_and_deduping_campaigns_only() {
         (200, &json!(["solar-free"])),
         "the uncapped buyer keeps buying: {answer}"
     );
-    let (status, answer) = app.post_lead(&person(2)).await;
+    let (status, headers, answer) = app.post_lead_as(KEY, &person(2)).await;
     assert_eq!(
         status, 503,
         "a deduping campaign cannot promise one sale: {answer}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    let keyed = app
+        .client
+        .post(app.url("/api/leads"))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "during-the-outage")
+        .json(&solar_lead)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        keyed.status().as_u16(),
+        503,
+        "an Idempotency-Key cannot be claimed across nodes"
     );
     assert_eq!(
         capped.stats.posts(),
