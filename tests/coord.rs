@@ -547,6 +547,19 @@ async fn a_redis_outage_refuses_capped_buyers_and_deduping_campaigns_only() {
         (200, &json!(["solar-free"])),
         "the uncapped buyer keeps buying: {answer}"
     );
+    let page = app.metrics().await;
+    let skipped = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "leadex_buyer_skipped_total{buyer=\"solar-capped\",reason=\"caps_unavailable\"} ",
+            )
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        skipped.is_some_and(|n| n >= 1.0),
+        "an outage is not a full cap: {skipped:?}"
+    );
     let (status, headers, answer) = app.post_lead_as(KEY, &person(2)).await;
     assert_eq!(
         status, 503,
