@@ -41,6 +41,8 @@ pub struct Config {
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
+    pub coordination: CoordinationConfig,
+    #[serde(default)]
     pub sellers: Vec<SellerConfig>,
     #[serde(default)]
     pub suppliers: Vec<SupplierConfig>,
@@ -211,6 +213,41 @@ impl Default for RateLimitConfig {
             timeout_ms: default_rl_timeout(),
         }
     }
+}
+
+/// Where caps, dedupe claims, Idempotency-Key claims and re-auction leases are decided:
+/// `memory` (this node, counters kept in its store) or `redis` (shared by every node).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    #[serde(default = "default_rl_backend")]
+    pub backend: String,
+    /// Redis URL when `backend = "redis"`; without one, `[rate_limit] url` is used.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_coord_prefix")]
+    pub key_prefix: String,
+    /// Longest wait for one Redis call; past it the call fails and what needed it is refused.
+    #[serde(default = "default_coord_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl Default for CoordinationConfig {
+    fn default() -> Self {
+        CoordinationConfig {
+            backend: default_rl_backend(),
+            url: None,
+            key_prefix: default_coord_prefix(),
+            timeout_ms: default_coord_timeout(),
+        }
+    }
+}
+
+fn default_coord_prefix() -> String {
+    "leadex:coord:".to_owned()
+}
+fn default_coord_timeout() -> u64 {
+    250
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -657,7 +694,12 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // One Redis usually serves both: coordination falls back to the limiter's URL.
+        if config.coordination.backend == "redis" && config.coordination.url.is_none() {
+            config.coordination.url = config.rate_limit.url.clone();
+        }
         config.validate(text)?;
         Ok(config)
     }
@@ -695,6 +737,26 @@ impl Config {
         }
         if self.rate_limit.timeout_ms == 0 {
             problems.push("rate_limit.timeout_ms: must be at least 1".to_owned());
+        }
+        match self.coordination.backend.as_str() {
+            "memory" => {}
+            "redis" => match &self.coordination.url {
+                None => problems.push(
+                    "coordination.url: backend `redis` needs a url like redis://127.0.0.1:6379 (or a [rate_limit] url)"
+                        .to_owned(),
+                ),
+                Some(url) => {
+                    if let Err(e) = redis::Client::open(url.as_str()) {
+                        problems.push(format!("coordination.url: `{url}` is not a Redis URL: {e}"));
+                    }
+                }
+            },
+            other => problems.push(format!(
+                "coordination.backend: unknown backend `{other}` (this build knows `memory` and `redis`)"
+            )),
+        }
+        if self.coordination.timeout_ms == 0 {
+            problems.push("coordination.timeout_ms: must be at least 1".to_owned());
         }
         if self.rate_limit.requests == 0 || self.rate_limit.window_secs == 0 {
             problems.push("rate_limit: requests and window_secs must be at least 1".to_owned());
@@ -1176,5 +1238,40 @@ post_url = "http://127.0.0.1:9001/post"
             .unwrap_err()
             .to_string();
         assert!(zero.contains("timeout_ms"), "{zero}");
+    }
+
+    #[test]
+    fn coordination_is_memory_by_default_and_redis_can_borrow_the_limiter_url() {
+        let plain = Config::from_toml(BASE).unwrap();
+        assert_eq!(plain.coordination.backend, "memory");
+        assert_eq!(plain.coordination.key_prefix, "leadex:coord:");
+        let with = |lines: &str| Config::from_toml(&format!("{lines}\n{BASE}"));
+        let own = with("[coordination]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:7000\"\ntimeout_ms = 40").unwrap();
+        assert_eq!(
+            own.coordination.url.as_deref(),
+            Some("redis://127.0.0.1:7000")
+        );
+        assert_eq!(own.coordination.timeout_ms, 40);
+        let borrowed = with("[rate_limit]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n[coordination]\nbackend = \"redis\"").unwrap();
+        assert_eq!(
+            borrowed.coordination.url.as_deref(),
+            Some("redis://127.0.0.1:6379")
+        );
+        for (lines, expected) in [
+            ("[coordination]\nbackend = \"redis\"", "coordination.url"),
+            (
+                "[coordination]\nbackend = \"redis\"\nurl = \"http://x\"",
+                "is not a Redis URL",
+            ),
+            (
+                "[coordination]\nbackend = \"etcd\"",
+                "coordination.backend: unknown backend `etcd`",
+            ),
+            ("[coordination]\ntimeout_ms = 0", "coordination.timeout_ms"),
+            ("[coordination]\nurll = \"redis://x\"", "urll"),
+        ] {
+            let err = with(lines).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
     }
 }

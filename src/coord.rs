@@ -9,8 +9,12 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::future::try_join_all;
 
+use crate::config::CoordinationConfig;
 use crate::domain::caps::{CounterCheck, fits};
 use crate::storage::{LeadStore, StorageError};
+
+pub mod redis;
+pub use self::redis::RedisCoordinator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
@@ -54,6 +58,28 @@ pub trait Coordinator: Send + Sync + 'static {
 }
 
 pub type SharedCoordinator = Arc<dyn Coordinator>;
+
+/// The coordinator `[coordination]` asks for, and whether it is shared with other nodes.
+pub async fn from_config(
+    config: &CoordinationConfig,
+    store: Arc<dyn LeadStore>,
+) -> Result<(SharedCoordinator, bool), String> {
+    match config.backend.as_str() {
+        "redis" => {
+            let url = config
+                .url
+                .clone()
+                .ok_or("coordination.url: backend `redis` needs a url")?;
+            let settings = crate::ratelimit::RedisSettings {
+                url,
+                key_prefix: config.key_prefix.clone(),
+                timeout: std::time::Duration::from_millis(config.timeout_ms),
+            };
+            Ok((Arc::new(RedisCoordinator::connect(settings).await?), true))
+        }
+        _ => Ok((Arc::new(MemoryCoordinator::new(store)), false)),
+    }
+}
 
 /// Counters kept in memory beyond this many are swept of finished windows.
 const SWEEP_COUNTERS_AT: usize = 4096;

@@ -17,7 +17,7 @@ use crate::actors::{
     CampaignSettings,
 };
 use crate::config::{Config, DEFAULT_RETRY_INTERVAL_SECS};
-use crate::coord::{MemoryCoordinator, SharedCoordinator};
+use crate::coord::SharedCoordinator;
 use crate::domain::AuctionRules;
 use crate::domain::campaign::PendingPolicy;
 use crate::http::{self, AppState, CampaignEntry, SupplierEntry};
@@ -92,7 +92,10 @@ impl Application {
         let limiter: SharedLimiter = ratelimit::from_config(&config.rate_limit)
             .await
             .map_err(StartupError::Invalid)?;
-        let coord: SharedCoordinator = Arc::new(MemoryCoordinator::new(store.clone()));
+        let (coord, coord_shared): (SharedCoordinator, bool) =
+            crate::coord::from_config(&config.coordination, store.clone())
+                .await
+                .map_err(StartupError::Invalid)?;
         let drain = crate::drain::Drain::default();
         let webhooks = WebhookSender::new(
             config
@@ -270,6 +273,17 @@ impl Application {
             ),
             auctions: Arc::new(Semaphore::new(config.server.max_in_flight_auctions)),
             idempotency_locks: Mutex::new(HashMap::new()),
+            idempotency_across_nodes: coord_shared.then(|| {
+                http::leads::SharedIdempotency::new(
+                    coord.clone(),
+                    config
+                        .campaigns
+                        .iter()
+                        .map(|c| Duration::from_millis(c.ping_timeout_ms + c.post_timeout_ms))
+                        .max()
+                        .unwrap_or_default(),
+                )
+            }),
             ids: Mutex::new(ulid::Generator::new()),
             metrics,
             trusted_proxies: config

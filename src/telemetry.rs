@@ -55,7 +55,13 @@ pub const REAUCTIONS_TOTAL: &str = "leadex_reauctions_total";
 pub const WEBHOOKS_TOTAL: &str = "leadex_webhooks_total";
 
 /// Why a buyer was left out of an auction (`leadex_buyer_skipped_total`).
-pub const SKIP_REASONS: [&str; 4] = ["filtered", "outside_schedule", "capped", "breaker_open"];
+pub const SKIP_REASONS: [&str; 5] = [
+    "filtered",
+    "outside_schedule",
+    "capped",
+    "caps_unavailable",
+    "breaker_open",
+];
 /// How a pending lead ended (`leadex_pending_resolved_total`).
 pub const PENDING_OUTCOMES: [&str; 2] = ["sold", "unsold"];
 /// Outcome words of `leadex_webhooks_total`: delivered, a failed try that will be retried,
@@ -241,7 +247,7 @@ fn describe() {
     );
     describe_counter!(
         BUYER_SKIPPED_TOTAL,
-        "Buyers left out of an auction, by buyer and reason (filtered, outside_schedule, capped, breaker_open)."
+        "Buyers left out of an auction, by buyer and reason (filtered, outside_schedule, capped, caps_unavailable, breaker_open)."
     );
     describe_gauge!(
         BUYER_BREAKER_STATE,

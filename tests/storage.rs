@@ -1281,6 +1281,11 @@ fn compose_node_configs_are_valid_leadex_configs() {
         );
         let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{node}: {e}"));
         assert_eq!(config.rate_limit.backend, "redis");
+        assert_eq!(config.coordination.backend, "redis");
+        assert_eq!(
+            config.coordination.url.as_deref(),
+            Some("redis://redis:6379")
+        );
         assert_eq!(config.storage.nodes, vec!["scylla:9042"]);
         assert_eq!(config.buyers.len(), 3);
         assert!(config.buyers.iter().all(|b| {

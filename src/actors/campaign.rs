@@ -272,7 +272,7 @@ impl Shared {
                 Ok(false) => return Some(SkipReason::Capped),
                 Err(e) => {
                     tracing::error!(buyer = %buyer.id, error = %e, "cap check failed; buyer skipped");
-                    return Some(SkipReason::Capped);
+                    return Some(SkipReason::CapsUnavailable);
                 }
             }
         }
@@ -416,7 +416,7 @@ impl Shared {
                     }
                     Err(e) => {
                         tracing::error!(buyer = %buyer.id, error = %e, "cap reservation failed; bid skipped");
-                        self.skipped(&mut log, buyer, SkipReason::Capped);
+                        self.skipped(&mut log, buyer, SkipReason::CapsUnavailable);
                         queue.refused(&bid);
                     }
                 }

@@ -39,14 +39,17 @@ pub enum SkipReason {
     Filtered,
     OutsideSchedule,
     Capped,
+    /// The buyer has caps and the coordinator could not tell whether they have room.
+    CapsUnavailable,
     BreakerOpen,
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 4] = [
+    pub const ALL: [SkipReason; 5] = [
         SkipReason::Filtered,
         SkipReason::OutsideSchedule,
         SkipReason::Capped,
+        SkipReason::CapsUnavailable,
         SkipReason::BreakerOpen,
     ];
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl SkipReason {
             SkipReason::Filtered => "filtered",
             SkipReason::OutsideSchedule => "outside_schedule",
             SkipReason::Capped => "capped",
+            SkipReason::CapsUnavailable => "caps_unavailable",
             SkipReason::BreakerOpen => "breaker_open",
         }
     }

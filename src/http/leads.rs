@@ -308,15 +308,114 @@ async fn submit_lead(
                 counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
                 return Ok(ok_json(answer.body));
             }
-            Some(Claim {
+            let claim = Claim {
                 state,
                 key: lock_key,
                 guard: Some(guard),
-            })
+            };
+            // Other nodes: the first to claim the key runs the auction, a repeat waits for
+            // its stored answer.
+            if let Some(shared) = &state.idempotency_across_nodes {
+                let claim_key = format!("idem/{}/{key}", supplier.id);
+                if let Some(body) = shared
+                    .claim_or_wait(state, &supplier.id, key, &claim_key)
+                    .await?
+                {
+                    counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+                    return Ok(ok_json(body));
+                }
+                let answered = run_lead(state, req, payload, supplier, idempotency.clone()).await;
+                if answered.is_err()
+                    && let Err(e) = shared.coord.unclaim(std::slice::from_ref(&claim_key)).await
+                {
+                    tracing::warn!(error = %e, "Idempotency-Key claim not given back; it expires by itself");
+                }
+                drop(claim);
+                return answered;
+            }
+            Some(claim)
         }
         None => None,
     };
+    run_lead(state, req, payload, supplier, idempotency).await
+}
 
+/// Idempotency-Keys claimed in the shared coordinator, so two nodes receiving the same key at
+/// once run one auction. The claim outlives the auction (its deadline twice, plus a margin):
+/// the answer is stored by then, and a node that died mid-auction frees the key by expiry.
+pub struct SharedIdempotency {
+    pub coord: crate::coord::SharedCoordinator,
+    /// How long a repeat waits for the first request's stored answer.
+    wait: std::time::Duration,
+    /// How long a claim holds the key.
+    hold_ms: i64,
+}
+
+/// Between looks at the store while another node answers.
+const IDEMPOTENCY_POLL: std::time::Duration = std::time::Duration::from_millis(25);
+
+impl SharedIdempotency {
+    /// `auction_deadline`: the longest ping plus post time of any campaign.
+    pub fn new(
+        coord: crate::coord::SharedCoordinator,
+        auction_deadline: std::time::Duration,
+    ) -> SharedIdempotency {
+        let wait = auction_deadline + std::time::Duration::from_secs(2);
+        SharedIdempotency {
+            coord,
+            wait,
+            hold_ms: (auction_deadline * 2 + std::time::Duration::from_secs(5)).as_millis() as i64,
+        }
+    }
+
+    /// `Ok(None)` once this request holds the key; `Ok(Some(body))` when another node's
+    /// answer appeared in the store meanwhile. A key still held when the wait ends (its node
+    /// is slow or gone, or stores are per node) is answered 503 with Retry-After: running a
+    /// second auction could sell the lead twice.
+    async fn claim_or_wait(
+        &self,
+        state: &AppState,
+        supplier: &str,
+        key: &str,
+        claim_key: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let give_up = tokio::time::Instant::now() + self.wait;
+        loop {
+            let now = crate::clock::now_ms();
+            let claimed = self
+                .coord
+                .claim(&[claim_key.to_owned()], now, now + self.hold_ms)
+                .await
+                .map_err(|e| ApiError::StorageUnavailable(format!("Idempotency-Key claim: {e}")))?;
+            if claimed {
+                return Ok(None);
+            }
+            let stored = state
+                .store
+                .get_idempotent(supplier, key, crate::clock::now_ms())
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if let Some(answer) = stored {
+                return Ok(Some(answer.body));
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(ApiError::Overloaded {
+                    retry_after_secs: 1,
+                });
+            }
+            tokio::time::sleep(IDEMPOTENCY_POLL).await;
+        }
+    }
+}
+
+/// Everything after the Idempotency-Key: body, fields, campaign, auction.
+async fn run_lead(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    supplier: &super::SupplierEntry,
+    idempotency: Option<String>,
+) -> Result<HttpResponse, ApiError> {
     let body = read_body(req, payload).await?;
     let fields = parse_fields(req, &body)?;
 

@@ -57,6 +57,8 @@ pub struct AppState {
     pub auth_failure_limit: Limit,
     pub auctions: Arc<Semaphore>,
     pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set when several nodes share coordination: an Idempotency-Key is also claimed there.
+    pub idempotency_across_nodes: Option<crate::http::leads::SharedIdempotency>,
     pub ids: Mutex<ulid::Generator>,
     pub metrics: PrometheusHandle,
     /// Peers whose `X-Forwarded-For` is believed (the load balancers).

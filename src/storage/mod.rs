@@ -65,7 +65,7 @@ pub enum AuctionEvent {
         bid_cents: i64,
         reason: String,
     },
-    /// A buyer left out: `filtered`, `outside_schedule`, `capped` or `breaker_open`.
+    /// A buyer left out: `filtered`, `outside_schedule`, `capped`, `caps_unavailable` or `breaker_open`.
     Skipped { buyer: String, reason: String },
     Post {
         buyer: String,
