@@ -26,6 +26,17 @@ pub enum CoordError {
 
 #[async_trait]
 pub trait Coordinator: Send + Sync + 'static {
+    /// `memory` or the shared backend's name, for `/readyz` and metrics.
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    /// `Err` with why when the shared backend does not answer (capped buyers are then
+    /// skipped and deduping campaigns refuse leads until it is back).
+    async fn healthy(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Adds every check's amount to its counter, all or none: `false` (and nothing added)
     /// when any counter would pass its limit.
     async fn reserve(&self, checks: &[CounterCheck], now_ms: i64) -> Result<bool, CoordError>;

@@ -267,6 +267,7 @@ impl Application {
             campaigns,
             store: store.clone(),
             limiter,
+            coord: coord.clone(),
             auth_failure_limit: Limit::per_secs(
                 config.rate_limit.auth_failures,
                 config.rate_limit.auth_failure_window_secs,

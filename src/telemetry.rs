@@ -36,6 +36,7 @@ pub const OVERLOAD_REFUSALS_TOTAL: &str = "leadex_overload_refusals_total";
 pub const BUILD_INFO: &str = "leadex_build_info";
 pub const STORAGE_UP: &str = "leadex_storage_up";
 pub const RATE_LIMIT_BACKEND_UP: &str = "leadex_rate_limit_backend_up";
+pub const COORDINATION_UP: &str = "leadex_coordination_backend_up";
 pub const CAMPAIGN_PING_TIMEOUT: &str = "leadex_campaign_ping_timeout_seconds";
 pub const CAMPAIGN_AUCTION_DEADLINE: &str = "leadex_campaign_auction_deadline_seconds";
 
@@ -282,6 +283,10 @@ fn describe() {
         "1 when the rate-limit backend answered its health check at the last scrape, else 0 (the node then limits locally)."
     );
     describe_gauge!(
+        COORDINATION_UP,
+        "1 when the coordination backend (cap reservations, dedupe claims) answered at the last scrape, else 0 (capped buyers are then skipped)."
+    );
+    describe_gauge!(
         CAMPAIGN_PING_TIMEOUT,
         Unit::Seconds,
         "A campaign's ping deadline (ping_timeout_ms)."
@@ -367,6 +372,11 @@ pub fn record_backend_health(storage_up: bool, rate_limit_backend: &'static str,
     } else {
         0.0
     });
+}
+
+/// Records the coordination backend's health as seen at this scrape.
+pub fn record_coordination_health(backend: &'static str, up: bool) {
+    gauge!(COORDINATION_UP, "backend" => backend).set(if up { 1.0 } else { 0.0 });
 }
 
 /// The Prometheus text of this process' CPU, memory, file descriptors, threads and start

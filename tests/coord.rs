@@ -586,6 +586,21 @@ async fn a_redis_outage_refuses_capped_buyers_and_deduping_campaigns_only() {
         "the capped buyer got nothing during the outage"
     );
     assert_eq!(dedupe_buyer.stats.pings(), 1);
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "still in the load balancer");
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(
+        ready["coordination"].as_str().unwrap().contains("redis"),
+        "{ready}"
+    );
+    assert!(
+        app.metrics()
+            .await
+            .lines()
+            .any(|l| l == "leadex_coordination_backend_up{backend=\"redis\"} 0"),
+        "the outage is visible in metrics"
+    );
 
     let _redis = RedisServer::start_on(redis.port).expect("redis restarts on its port");
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -883,7 +883,7 @@ async fn readyz_follows_storage_and_healthz_stays_alive() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"status": "ready", "storage": "ok", "rate_limit": "ok (memory)"})
+        json!({"status": "ready", "storage": "ok", "rate_limit": "ok (memory)", "coordination": "ok (memory)"})
     );
 
     store.close().await.unwrap();

@@ -175,6 +175,14 @@ impl RedisCoordinator {
 
 #[async_trait]
 impl Coordinator for RedisCoordinator {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn healthy(&self) -> Result<(), String> {
+        self.ping().await.map_err(|e| e.to_string())
+    }
+
     async fn reserve(&self, checks: &[CounterCheck], _now_ms: i64) -> Result<bool, CoordError> {
         if checks.is_empty() {
             return Ok(true);

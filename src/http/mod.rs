@@ -54,6 +54,7 @@ pub struct AppState {
     pub campaigns: HashMap<(String, String), CampaignEntry>,
     pub store: Arc<dyn LeadStore>,
     pub limiter: SharedLimiter,
+    pub coord: crate::coord::SharedCoordinator,
     pub auth_failure_limit: Limit,
     pub auctions: Arc<Semaphore>,
     pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -109,14 +110,16 @@ async fn healthz() -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage = state.store.ping().await.map_err(|e| e.to_string());
     let limiter = state.limiter.healthy().await;
+    let coordination = state.coord.healthy().await;
     let body = serde_json::json!({
-        "status": match (&storage, &limiter) {
+        "status": match (&storage, limiter.is_ok() && coordination.is_ok()) {
             (Err(_), _) => "unavailable",
-            (Ok(()), Err(_)) => "degraded",
-            (Ok(()), Ok(())) => "ready",
+            (Ok(()), false) => "degraded",
+            (Ok(()), true) => "ready",
         },
         "storage": match &storage { Ok(()) => "ok".to_owned(), Err(e) => e.clone() },
         "rate_limit": match &limiter { Ok(()) => format!("ok ({})", state.limiter.backend()), Err(e) => e.clone() },
+        "coordination": match &coordination { Ok(()) => format!("ok ({})", state.coord.backend()), Err(e) => e.clone() },
     });
     // Only storage makes a node unready: without it no lead can be answered. A shared
     // limiter outage leaves the node selling under node-local limits, so it reports itself
@@ -134,6 +137,8 @@ async fn metrics_page(state: web::Data<AppState>) -> HttpResponse {
     let storage_up = state.store.ping().await.is_ok();
     let limiter_up = state.limiter.healthy().await.is_ok();
     telemetry::record_backend_health(storage_up, state.limiter.backend(), limiter_up);
+    let coordination_up = state.coord.healthy().await.is_ok();
+    telemetry::record_coordination_health(state.coord.backend(), coordination_up);
     let mut body = state.metrics.render();
     body.push('\n');
     body.push_str(&telemetry::render_process_metrics());
