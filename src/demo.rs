@@ -229,7 +229,7 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         let what = match buyer.direct_price {
             Some(p) => format!("direct post at {p}"),
             None => format!(
-                "bids {:?}, answers in {}-{} ms{}",
+                "bids {}, answers in {}-{} ms{}",
                 buyer.behaviour.bid,
                 buyer.behaviour.ping_latency_ms.0,
                 buyer.behaviour.ping_latency_ms.1,

@@ -133,7 +133,13 @@ fn main() -> ExitCode {
             data,
             concurrency,
         } => {
-            telemetry::init_logging("text");
+            // With --leads the summary is the point; per-lead log lines would bury it.
+            let level = if leads.is_some() {
+                "warn"
+            } else {
+                "info,actix_server=warn"
+            };
+            telemetry::init_logging_at("text", level);
             let options = demo::DemoOptions {
                 listen,
                 leads,

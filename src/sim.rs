@@ -63,6 +63,16 @@ impl BidSpec {
     }
 }
 
+impl std::fmt::Display for BidSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BidSpec::Nothing => f.write_str("nothing"),
+            BidSpec::Fixed(p) => write!(f, "{p}"),
+            BidSpec::Range(lo, hi) => write!(f, "{lo}-{hi}"),
+        }
+    }
+}
+
 /// Parses `20` or `20-80` (milliseconds).
 pub fn parse_range_ms(text: &str) -> Result<(u64, u64), String> {
     let num = |t: &str| t.trim().parse::<u64>().map_err(|e| format!("`{t}`: {e}"));
