@@ -9,14 +9,14 @@
 
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use ::redis::{Client, IntoConnectionInfo, Script};
+use ::redis::Script;
+use ::redis::aio::ConnectionManager;
 use async_trait::async_trait;
 
 use super::{CoordError, Coordinator};
 use crate::domain::caps::{CounterCheck, fits};
 use crate::ratelimit::RedisSettings;
+use crate::ratelimit::redis::redis_connection;
 
 /// All or none: every counter in `KEYS` is checked against its limit, then every one is
 /// increased and set to expire when its window ends. ARGV holds, per key, its limit, amount and
@@ -85,29 +85,7 @@ impl RedisCoordinator {
     /// Prepares the connection. Only a malformed URL is an error: a Redis not reachable yet
     /// makes the calls that need it fail (bounded by the timeout) until it answers.
     pub async fn connect(settings: RedisSettings) -> Result<RedisCoordinator, String> {
-        let info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("coordination.url: {e}"))?;
-        let endpoint = info.addr().to_string();
-        let tcp = TcpSettings::default()
-            .set_nodelay(true)
-            .set_keepalive(
-                TcpKeepalive::new()
-                    .with_time(Duration::from_secs(10))
-                    .with_interval(Duration::from_secs(5)),
-            )
-            .set_user_timeout(Duration::from_secs(5));
-        let client = Client::open(info.set_tcp_settings(tcp))
-            .map_err(|e| format!("coordination.url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(4);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("coordination: redis connection: {e}"))?;
+        let (connection, endpoint) = redis_connection(settings.url.as_str(), "coordination")?;
         let coordinator = RedisCoordinator {
             connection,
             reserve: Script::new(RESERVE_SCRIPT),

@@ -177,36 +177,43 @@ impl Health {
     }
 }
 
+/// One auto-reconnecting multiplexed connection to Redis (no connection per request), and
+/// the server's `host:port` for logs (never the URL: it may hold a password). Only a malformed
+/// URL is an error; an unreachable Redis makes calls fail until it answers. `what` names the
+/// config section in errors.
+pub fn redis_connection(url: &str, what: &str) -> Result<(ConnectionManager, String), String> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("{what}.url: {e}"))?;
+    let endpoint = info.addr().to_string();
+    // Without NODELAY small requests wait for Nagle; keepalive and a user timeout let the
+    // kernel drop a connection whose peer vanished, so the manager reconnects.
+    let tcp = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(
+            TcpKeepalive::new()
+                .with_time(Duration::from_secs(10))
+                .with_interval(Duration::from_secs(5)),
+        )
+        .set_user_timeout(Duration::from_secs(5));
+    let client =
+        Client::open(info.set_tcp_settings(tcp)).map_err(|e| format!("{what}.url: {e}"))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+        .set_number_of_retries(4);
+    let connection = ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| format!("{what}: redis connection: {e}"))?;
+    Ok((connection, endpoint))
+}
+
 impl RedisLimiter {
     /// Prepares the connection and loads the script. Only a malformed URL is an error: when
     /// Redis cannot be reached the limiter starts degraded (node-local limits) and keeps trying,
     /// so an exchange node can start and sell while Redis is down.
     pub async fn connect(settings: RedisSettings, clock: Clock) -> Result<RedisLimiter, String> {
-        let info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("rate_limit.url: {e}"))?;
-        let endpoint = info.addr().to_string();
-        // Without NODELAY small requests wait for Nagle; keepalive and a user timeout let the
-        // kernel drop a connection whose peer vanished, so the manager reconnects.
-        let tcp = TcpSettings::default()
-            .set_nodelay(true)
-            .set_keepalive(
-                TcpKeepalive::new()
-                    .with_time(Duration::from_secs(10))
-                    .with_interval(Duration::from_secs(5)),
-            )
-            .set_user_timeout(Duration::from_secs(5));
-        let client =
-            Client::open(info.set_tcp_settings(tcp)).map_err(|e| format!("rate_limit.url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(4);
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("rate_limit: redis connection: {e}"))?;
+        let (connection, endpoint) = redis_connection(settings.url.as_str(), "rate_limit")?;
         let limiter = RedisLimiter {
             connection,
             script: Script::new(CHECK_SCRIPT),
