@@ -144,6 +144,7 @@ fn exchange(c: &mut Criterion) {
                         post_url: sim.url("/post"),
                         headers: Vec::new(),
                         max_in_flight: 1024,
+                        in_flight: Default::default(),
                         mapping: ReplyMapping::default(),
                         health: health.clone(),
                     })
@@ -179,6 +180,7 @@ fn exchange(c: &mut Criterion) {
                 clock: Clock::system(),
                 webhooks: WebhookSender::new(Default::default()),
                 drain: Default::default(),
+                reauctions: false,
             };
             (CampaignActor::new(settings, services).start(), store)
         });

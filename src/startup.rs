@@ -1,8 +1,10 @@
-//! Wires the exchange in one place: store, limiter, buyer and campaign actors on a pool of
-//! arbiters, and the HTTP server on a bound listener. Tests start it on 127.0.0.1:0.
+//! Wires the exchange in one place: store, limiter, buyer and campaign actors (a set per HTTP
+//! worker, and one for re-auctions), and the HTTP server on a bound listener. Tests start it
+//! on 127.0.0.1:0.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +45,8 @@ pub struct Application {
     addr: SocketAddr,
     server: Server,
     store: Arc<dyn LeadStore>,
-    arbiters: Vec<Arbiter>,
+    /// Runs the re-auction scheduler; stopped after storage closes.
+    home: Arbiter,
     /// How long a signal-started shutdown waits for requests in flight.
     grace: Duration,
     drain: crate::drain::Drain,
@@ -113,104 +116,45 @@ impl Application {
                 .collect(),
         );
 
-        // Actors live on a pool of arbiters (one per core) so buyer I/O spreads over cores.
-        let arbiters: Vec<Arbiter> = (0..cores()).map(|_| Arbiter::new()).collect();
-        let mut next = 0usize;
-        let mut place = || {
-            let handle = arbiters[next % arbiters.len()].handle();
-            next += 1;
-            handle
+        let services = CampaignServices {
+            store: store.clone(),
+            coord: coord.clone(),
+            clock: clock.clone(),
+            webhooks: webhooks.clone(),
+            drain: drain.clone(),
+            reauctions: false,
         };
-
-        let mut buyer_addrs: HashMap<String, (Addr<BuyerActor>, Arc<BuyerHealth>)> = HashMap::new();
-        for buyer in &config.buyers {
-            let health = Arc::new(BuyerHealth::new(
-                buyer.id.get_ref(),
-                buyer.breaker_failures,
-                Duration::from_secs(buyer.breaker_cooldown_secs),
-                clock.clone(),
-            ));
-            let actor = BuyerActor::new(BuyerSettings {
-                id: buyer.id.get_ref().clone(),
-                ping_url: buyer.ping_url.clone(),
-                post_url: buyer.post_url.clone(),
-                headers: buyer
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                max_in_flight: buyer.max_in_flight,
-                mapping: buyer.reply_mapping(),
-                health: health.clone(),
+        let plan = ActorPlan::new(&config, services, clock.clone())?;
+        // Each HTTP worker starts its own buyer and campaign actors (in the app factory
+        // below), so a lead's auction, its pings and posts run on the thread that received
+        // it. Re-auctions of pending leads run on one more set on the home arbiter, which
+        // stops only after a graceful stop has waited for them.
+        let home = Arbiter::new();
+        let home_plan = plan.clone();
+        home.spawn_fn(move || {
+            home_plan.start_here(true);
+        });
+        let campaigns = config
+            .campaigns
+            .iter()
+            .map(|campaign| {
+                telemetry::register_campaign_deadlines(
+                    campaign.id.get_ref(),
+                    Duration::from_millis(campaign.ping_timeout_ms),
+                    Duration::from_millis(campaign.post_timeout_ms),
+                );
+                (
+                    (
+                        campaign.seller.get_ref().to_ascii_uppercase(),
+                        campaign.category.get_ref().trim().to_lowercase(),
+                    ),
+                    CampaignEntry {
+                        id: campaign.id.get_ref().clone(),
+                        required_fields: campaign.required_fields.clone(),
+                    },
+                )
             })
-            .map_err(StartupError::Invalid)?;
-            let addr = BuyerActor::start_in_arbiter(&place(), move |_| actor);
-            buyer_addrs.insert(buyer.id.get_ref().clone(), (addr, health));
-        }
-
-        let mut campaigns = HashMap::new();
-        for campaign in &config.campaigns {
-            let id = campaign.id.get_ref().clone();
-            let buyers = config
-                .buyers
-                .iter()
-                .filter(|b| b.campaigns.iter().any(|c| c.get_ref() == &id))
-                .map(|b| CampaignBuyer {
-                    id: b.id.get_ref().clone(),
-                    addr: buyer_addrs[b.id.get_ref()].0.clone(),
-                    fixed_price: b.fixed_price,
-                    floor: b.floor_price,
-                    rules: Arc::new(b.rules()),
-                    health: buyer_addrs[b.id.get_ref()].1.clone(),
-                })
-                .collect();
-            let seller = campaign.seller.get_ref().to_ascii_uppercase();
-            telemetry::register_campaign_deadlines(
-                &id,
-                Duration::from_millis(campaign.ping_timeout_ms),
-                Duration::from_millis(campaign.post_timeout_ms),
-            );
-            let settings = CampaignSettings {
-                id: id.clone(),
-                category: campaign.category.get_ref().trim().to_owned(),
-                seller: seller.clone(),
-                personal_fields: campaign.personal_fields.clone(),
-                ping_timeout: Duration::from_millis(campaign.ping_timeout_ms),
-                post_timeout: Duration::from_millis(campaign.post_timeout_ms),
-                rules: AuctionRules {
-                    campaign_floor: campaign.floor_price,
-                    max_buyers: campaign.max_buyers,
-                },
-                buyers,
-                dedupe_days: campaign.dedupe_days,
-                pending: campaign.pending_ttl_secs.map(|ttl| PendingPolicy {
-                    ttl_ms: ttl as i64 * 1000,
-                    retry_interval_ms: campaign
-                        .retry_interval_secs
-                        .unwrap_or(DEFAULT_RETRY_INTERVAL_SECS)
-                        as i64
-                        * 1000,
-                }),
-            };
-            let services = CampaignServices {
-                store: store.clone(),
-                coord: coord.clone(),
-                clock: clock.clone(),
-                webhooks: webhooks.clone(),
-                drain: drain.clone(),
-            };
-            let addr = CampaignActor::start_in_arbiter(&place(), move |_| {
-                CampaignActor::new(settings, services)
-            });
-            campaigns.insert(
-                (seller, campaign.category.get_ref().trim().to_lowercase()),
-                CampaignEntry {
-                    id,
-                    required_fields: campaign.required_fields.clone(),
-                    addr,
-                },
-            );
-        }
+            .collect();
 
         let default_limit =
             Limit::per_secs(config.rate_limit.requests, config.rate_limit.window_secs);
@@ -300,27 +244,29 @@ impl Application {
         } else {
             config.server.workers
         };
-        let server = HttpServer::new(move || http::app(state.clone()))
-            .workers(workers)
-            .backlog(4096)
-            .max_connections(50_000)
-            // Signals are handled in `run_until_stopped` (actix-web would swallow a second
-            // one). Its own timeout is only a backstop, one second behind ours, so the
-            // grace timer there decides and can report a forced stop.
-            .disable_signals()
-            .shutdown_timeout(config.server.shutdown_grace_secs + 1)
-            .listen(listener)
-            .map_err(|source| StartupError::Bind {
-                addr: addr.to_string(),
-                source,
-            })?
-            .run();
+        let server = HttpServer::new(move || {
+            http::app(state.clone(), http::LocalCampaigns(plan.start_here(false)))
+        })
+        .workers(workers)
+        .backlog(4096)
+        .max_connections(50_000)
+        // Signals are handled in `run_until_stopped` (actix-web would swallow a second
+        // one). Its own timeout is only a backstop, one second behind ours, so the
+        // grace timer there decides and can report a forced stop.
+        .disable_signals()
+        .shutdown_timeout(config.server.shutdown_grace_secs + 1)
+        .listen(listener)
+        .map_err(|source| StartupError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?
+        .run();
         tracing::info!(%addr, workers, "leadex listening");
         Ok(Application {
             addr,
             server,
             store,
-            arbiters,
+            home,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             drain,
         })
@@ -353,7 +299,7 @@ impl Application {
         let Application {
             server,
             store,
-            arbiters,
+            home,
             grace,
             drain,
             ..
@@ -400,9 +346,7 @@ impl Application {
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "storage did not close cleanly");
         }
-        for arbiter in arbiters {
-            arbiter.stop();
-        }
+        home.stop();
         if forced {
             return Err(std::io::Error::other(
                 "shutdown forced before every request in flight was answered",
@@ -439,4 +383,130 @@ impl Signals {
 /// sha-256 of an API key as lower-case hex, for `api_key_sha256`.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.trim().as_bytes()))
+}
+
+/// What it takes to start one set of buyer and campaign actors on the current thread. Every
+/// set shares each buyer's breaker and in-flight count, so a buyer's limits hold per node
+/// whichever thread a lead lands on; each set has its own HTTP clients, whose connections
+/// live on that set's thread.
+#[derive(Clone)]
+struct ActorPlan {
+    inner: Arc<PlanInner>,
+}
+
+struct PlanInner {
+    buyers: Vec<crate::config::BuyerConfig>,
+    campaigns: Vec<crate::config::CampaignConfig>,
+    health: HashMap<String, (Arc<BuyerHealth>, Arc<AtomicUsize>)>,
+    services: CampaignServices,
+}
+
+impl ActorPlan {
+    fn new(
+        config: &Config,
+        services: CampaignServices,
+        clock: crate::clock::Clock,
+    ) -> Result<ActorPlan, StartupError> {
+        let mut health = HashMap::new();
+        for buyer in &config.buyers {
+            let shared = (
+                Arc::new(BuyerHealth::new(
+                    buyer.id.get_ref(),
+                    buyer.breaker_failures,
+                    Duration::from_secs(buyer.breaker_cooldown_secs),
+                    clock.clone(),
+                )),
+                Arc::new(AtomicUsize::new(0)),
+            );
+            health.insert(buyer.id.get_ref().clone(), shared);
+        }
+        let plan = ActorPlan {
+            inner: Arc::new(PlanInner {
+                buyers: config.buyers.clone(),
+                campaigns: config.campaigns.clone(),
+                health,
+                services,
+            }),
+        };
+        // Headers and URLs are checked here once, so starting a set later cannot fail.
+        for buyer in &plan.inner.buyers {
+            BuyerActor::new(plan.buyer_settings(buyer)).map_err(StartupError::Invalid)?;
+        }
+        Ok(plan)
+    }
+
+    fn buyer_settings(&self, buyer: &crate::config::BuyerConfig) -> BuyerSettings {
+        let (health, in_flight) = &self.inner.health[buyer.id.get_ref()];
+        BuyerSettings {
+            id: buyer.id.get_ref().clone(),
+            ping_url: buyer.ping_url.clone(),
+            post_url: buyer.post_url.clone(),
+            headers: buyer
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            max_in_flight: buyer.max_in_flight,
+            in_flight: in_flight.clone(),
+            mapping: buyer.reply_mapping(),
+            health: health.clone(),
+        }
+    }
+
+    /// Starts one actor per buyer and per campaign on the current arbiter; the campaign
+    /// actors by campaign id. `reauctions`: these campaigns also run the pending scheduler.
+    fn start_here(&self, reauctions: bool) -> HashMap<String, Addr<CampaignActor>> {
+        let plan = &self.inner;
+        let mut buyer_addrs = HashMap::new();
+        for buyer in &plan.buyers {
+            let actor = BuyerActor::new(self.buyer_settings(buyer))
+                .expect("buyer settings were checked when the plan was made");
+            buyer_addrs.insert(buyer.id.get_ref().clone(), actor.start());
+        }
+        let mut campaigns = HashMap::new();
+        for campaign in &plan.campaigns {
+            let id = campaign.id.get_ref().clone();
+            let buyers = plan
+                .buyers
+                .iter()
+                .filter(|b| b.campaigns.iter().any(|c| c.get_ref() == &id))
+                .map(|b| CampaignBuyer {
+                    id: b.id.get_ref().clone(),
+                    addr: buyer_addrs[b.id.get_ref()].clone(),
+                    fixed_price: b.fixed_price,
+                    floor: b.floor_price,
+                    rules: Arc::new(b.rules()),
+                    health: plan.health[b.id.get_ref()].0.clone(),
+                })
+                .collect();
+            let settings = CampaignSettings {
+                id: id.clone(),
+                category: campaign.category.get_ref().trim().to_owned(),
+                seller: campaign.seller.get_ref().to_ascii_uppercase(),
+                personal_fields: campaign.personal_fields.clone(),
+                ping_timeout: Duration::from_millis(campaign.ping_timeout_ms),
+                post_timeout: Duration::from_millis(campaign.post_timeout_ms),
+                rules: AuctionRules {
+                    campaign_floor: campaign.floor_price,
+                    max_buyers: campaign.max_buyers,
+                },
+                buyers,
+                dedupe_days: campaign.dedupe_days,
+                pending: campaign.pending_ttl_secs.map(|ttl| PendingPolicy {
+                    ttl_ms: ttl as i64 * 1000,
+                    retry_interval_ms: campaign
+                        .retry_interval_secs
+                        .unwrap_or(DEFAULT_RETRY_INTERVAL_SECS)
+                        as i64
+                        * 1000,
+                }),
+            };
+            let services = CampaignServices {
+                reauctions,
+                ..plan.services.clone()
+            };
+            campaigns.insert(id, CampaignActor::new(settings, services).start());
+        }
+        campaigns
+    }
 }

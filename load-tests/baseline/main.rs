@@ -10,6 +10,11 @@ use clap::Parser;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
+// mimalloc: less CPU per allocation than glibc's malloc and memory given back after bursts
+// (BENCHMARKS.md). The baseline uses it too, so the ratio compares like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Clone)]
 #[command(
     name = "fanout-baseline",

@@ -104,6 +104,9 @@ pub struct BuyerSettings {
     pub post_url: String,
     pub headers: Vec<(String, String)>,
     pub max_in_flight: usize,
+    /// Requests in flight to this buyer from every actor of it on this node (one per HTTP
+    /// worker), so `max_in_flight` holds per node.
+    pub in_flight: Arc<AtomicUsize>,
     pub mapping: ReplyMapping,
     pub health: Arc<BuyerHealth>,
 }
@@ -118,7 +121,7 @@ struct Inner {
     post_url: reqwest::Url,
     client: reqwest::Client,
     mapping: ReplyMapping,
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
     health: Arc<BuyerHealth>,
 }
@@ -160,7 +163,7 @@ impl BuyerActor {
                 id: settings.id,
                 client,
                 mapping: settings.mapping,
-                in_flight: AtomicUsize::new(0),
+                in_flight: settings.in_flight,
                 max_in_flight: settings.max_in_flight,
                 health: settings.health,
             }),

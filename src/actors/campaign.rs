@@ -68,6 +68,10 @@ pub struct CampaignServices {
     pub webhooks: WebhookSender,
     /// Lets a graceful stop wait for re-auctions in flight.
     pub drain: crate::drain::Drain,
+    /// Whether this actor re-auctions the campaign's pending leads. A node runs one actor
+    /// per campaign per HTTP worker for first auctions, and one more, on an arbiter that
+    /// outlives the workers at a stop, that also runs the re-auction scheduler.
+    pub reauctions: bool,
 }
 
 pub struct CampaignActor {
@@ -81,6 +85,7 @@ struct Shared {
     clock: Clock,
     webhooks: WebhookSender,
     drain: crate::drain::Drain,
+    reauctions: bool,
     /// A scheduler sweep is running; ticks meanwhile are skipped.
     sweeping: AtomicBool,
     /// Leads being re-auctioned on this node now.
@@ -97,6 +102,7 @@ impl CampaignActor {
                 clock: services.clock,
                 webhooks: services.webhooks,
                 drain: services.drain,
+                reauctions: services.reauctions,
                 sweeping: AtomicBool::new(false),
                 retrying: Mutex::new(HashSet::new()),
             }),
@@ -109,7 +115,9 @@ impl Actor for CampaignActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(16_384);
-        if let Some(policy) = self.shared.settings.pending {
+        if let Some(policy) = self.shared.settings.pending
+            && self.shared.reauctions
+        {
             // Often enough that a retry is at most a fraction of its interval late.
             let tick =
                 Duration::from_millis((policy.retry_interval_ms / 4).clamp(100, 1000) as u64);

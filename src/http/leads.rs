@@ -436,6 +436,17 @@ async fn run_lead(
     let Some(campaign) = state.campaigns.get(&(seller_code, category.to_lowercase())) else {
         return Err(ApiError::NoMatchingCampaign);
     };
+    // This worker's own actor for the campaign: the auction runs on the thread that
+    // received the lead.
+    let Some(actor) = req
+        .app_data::<super::LocalCampaigns>()
+        .and_then(|local| local.0.get(&campaign.id))
+    else {
+        return Err(ApiError::Internal(format!(
+            "campaign {} has no actor on this worker",
+            campaign.id
+        )));
+    };
     let lead = Lead::parse(fields, &campaign.required_fields).map_err(field_error)?;
 
     let Ok(_slot) = state.auctions.clone().try_acquire_owned() else {
@@ -446,8 +457,7 @@ async fn run_lead(
     };
     let lead_id = state.new_lead_id();
     tracing::info!(lead_id = %lead_id, campaign = %campaign.id, supplier = %supplier.id, "lead accepted");
-    let outcome = campaign
-        .addr
+    let outcome = actor
         .send(RunAuction {
             lead_id,
             supplier_id: supplier.id.clone(),

@@ -38,8 +38,11 @@ pub struct SupplierEntry {
 pub struct CampaignEntry {
     pub id: String,
     pub required_fields: Vec<String>,
-    pub addr: Addr<CampaignActor>,
 }
+
+/// One HTTP worker's campaign actors by campaign id. Every worker starts its own set (see
+/// `startup`), so an auction runs on the thread whose connection received the lead.
+pub struct LocalCampaigns(pub HashMap<String, Addr<CampaignActor>>);
 
 /// What every handler shares: lookups built from the config, the store, the limiter.
 pub struct AppState {
@@ -202,6 +205,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Builds the actix-web app with its middleware around `configure`.
 pub fn app(
     state: web::Data<AppState>,
+    campaigns: LocalCampaigns,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -213,6 +217,7 @@ pub fn app(
 > {
     actix_web::App::new()
         .app_data(state)
+        .app_data(campaigns)
         .configure(configure)
         .default_service(web::to(not_found))
         .wrap_fn(|req, srv| {
