@@ -98,6 +98,10 @@ pub struct StorageConfig {
     /// Most writes committed together with one fsync.
     #[serde(default = "default_group_commit")]
     pub group_commit_max: usize,
+    /// `embedded`: longest time between checkpoints (durable redb commits after which the
+    /// write-ahead log starts again); a restart after a crash replays at most this much.
+    #[serde(default = "default_checkpoint_ms")]
+    pub checkpoint_ms: u64,
     /// `scylla`: contact points, `host:port`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -149,6 +153,7 @@ impl Default for StorageConfig {
             backend: default_storage_backend(),
             path: default_storage_path(),
             group_commit_max: default_group_commit(),
+            checkpoint_ms: default_checkpoint_ms(),
             nodes: Vec::new(),
             keyspace: default_keyspace(),
             replication_factor: None,
@@ -549,6 +554,10 @@ fn default_storage_backend() -> String {
 fn default_storage_path() -> PathBuf {
     PathBuf::from("data")
 }
+fn default_checkpoint_ms() -> u64 {
+    1000
+}
+
 fn default_group_commit() -> usize {
     512
 }

@@ -998,6 +998,85 @@ async fn sigterm_lets_fifty_auctions_in_flight_finish_and_be_stored() {
 }
 
 #[actix_web::test]
+async fn sigkill_loses_no_answered_lead_nor_its_idempotent_answer() {
+    // Checkpoints far apart: every answered write is only in redb's non-durable commits and
+    // the write-ahead log when the process is killed, so the restart must replay the log.
+    let buyer = slow_sim(0, 0);
+    let data = data_dir();
+    let text = config(&data, "", &slow_campaign_and_buyer(&buyer)).replace(
+        "backend = \"embedded\"",
+        "backend = \"embedded\"\ncheckpoint_ms = 600000",
+    );
+    let mut exchange = Exchange::start(&text, "text", "info").await;
+    let client = http();
+    let base = exchange.base.clone();
+    let requests: Vec<_> = (0..40)
+        .map(|_| {
+            let (client, base) = (client.clone(), base.clone());
+            actix_rt::spawn(async move { post_lead(&client, &base, &slow_lead()).await })
+        })
+        .collect();
+    let mut lead_ids = Vec::new();
+    for request in requests {
+        let (status, body) = request.await.unwrap().unwrap();
+        assert_eq!((status, body["status"].as_str()), (200, Some("sold")), "{body}");
+        lead_ids.push(body["lead_id"].as_str().unwrap().to_owned());
+    }
+    let keyed = client
+        .post(exchange.url("/api/leads"))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "kill-me-once")
+        .json(&slow_lead())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status().as_u16(), 200);
+    let keyed: Value = keyed.json().await.unwrap();
+
+    exchange.process.signal(libc::SIGKILL);
+    let status = exchange
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("killed");
+    assert_eq!(status.code(), None, "ended by the signal, no clean stop");
+    assert!(!exchange.log_text().contains("leadex stopped"));
+
+    let restarted = Exchange::start(&text, "text", "info").await;
+    let log = restarted.log_text();
+    assert!(
+        log.contains("applying writes from the write-ahead log writes=41"),
+        "{log}"
+    );
+    for lead_id in &lead_ids {
+        let response = client
+            .get(restarted.url(&format!("/api/leads/{lead_id}")))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{lead_id} stored");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "sold", "{body}");
+        assert_eq!(body["buyer_ids"], json!(["slow-buyer"]), "{body}");
+    }
+    // The repeat gets the first answer, with no second auction.
+    let posts_before = buyer.stats.posts();
+    let repeat = client
+        .post(restarted.url("/api/leads"))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "kill-me-once")
+        .json(&slow_lead())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(repeat.status().as_u16(), 200);
+    let repeat: Value = repeat.json().await.unwrap();
+    assert_eq!(repeat, keyed);
+    assert_eq!(buyer.stats.posts(), posts_before);
+}
+
+#[actix_web::test]
 async fn sigterm_still_stores_the_auction_of_a_supplier_that_hung_up() {
     use std::io::Write;
     let buyer = slow_sim(300, 1200);

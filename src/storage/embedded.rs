@@ -1,11 +1,15 @@
-//! The single-node store: redb (pure-Rust, copy-on-write B-trees, checksummed commits, one
-//! fsync per commit). A dedicated writer thread takes every queued write into one transaction
-//! (group commit), so many concurrent auctions share one fsync.
+//! The single-node store: redb (pure-Rust, copy-on-write B-trees, checksummed commits) behind
+//! a write-ahead log. A dedicated writer thread takes every queued write as one group (group
+//! commit): the group is appended to the log and synced (one `fdatasync` of a few KiB), then
+//! applied to redb with a non-durable commit that readers see at once, and only then are the
+//! writers answered. About once a second, and at close, a durable redb commit (checkpoint)
+//! makes the log redundant and it starts again; at open, what the log holds beyond the last
+//! checkpoint is applied again (`wal.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{
@@ -13,6 +17,7 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
+use super::wal;
 use super::{IDEMPOTENCY_TTL_MS, IdempotentAnswer, LeadRecord, LeadStore, StorageError, day_of};
 use crate::telemetry;
 
@@ -27,7 +32,16 @@ const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 const SEP: char = '\u{1f}';
+/// Where the STATE table keeps the log's epoch (the log is replayed from that epoch on).
+const WAL_EPOCH: &str = "\u{1f}wal_epoch";
+const WAL_FILE: &str = "leadex.wal";
+/// Size of the log file, allocated once. A group larger than this skips the log and is
+/// committed durably to redb directly; the log is checkpointed early when it is full.
+const WAL_CAPACITY: u64 = 8 << 20;
+/// Default longest time between checkpoints while writes come in (and after the last).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+#[derive(Clone)]
 enum WriteOp {
     Insert(LeadRecord, Option<(String, IdempotentAnswer)>),
     Update(LeadRecord),
@@ -69,6 +83,15 @@ fn idem_key(supplier: &str, key: &str) -> String {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, and starts its writer thread.
     pub fn open(dir: &Path, group_commit_max: usize) -> Result<EmbeddedStore, StorageError> {
+        EmbeddedStore::open_with(dir, group_commit_max, CHECKPOINT_EVERY)
+    }
+
+    /// As `open`, with the longest time between checkpoints.
+    pub fn open_with(
+        dir: &Path,
+        group_commit_max: usize,
+        checkpoint_every: Duration,
+    ) -> Result<EmbeddedStore, StorageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         let db = Database::create(dir.join("leadex.redb")).map_err(backend)?;
@@ -81,6 +104,7 @@ impl EmbeddedStore {
             txn.open_table(STATE).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
+        let wal = recover(&db, &dir.join(WAL_FILE))?;
         let db = Arc::new(db);
         let (tx, rx) = std_mpsc::channel();
         let writer_db = db.clone();
@@ -88,7 +112,7 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("leadex-store-writer".into())
             .spawn(move || {
-                let closing = writer_loop(&writer_db, &rx, max);
+                let closing = writer_loop(&writer_db, wal, &rx, max, checkpoint_every);
                 // Release the database before telling `close` it is done.
                 drop(writer_db);
                 if let Some(done) = closing {
@@ -142,19 +166,58 @@ impl EmbeddedStore {
     }
 }
 
-/// Commits queued writes in batches until closed; returns the closer's waiter.
+/// Opens the log, applies what it holds beyond the last checkpoint, and checkpoints: the
+/// store starts with everything acknowledged before a crash in redb, durably.
+fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
+    let epoch = {
+        let txn = db.begin_read().map_err(backend)?;
+        let state = txn.open_table(STATE).map_err(backend)?;
+        match state.get(WAL_EPOCH).map_err(backend)? {
+            Some(v) => u64::from_le_bytes(v.value().try_into().unwrap_or([0; 8])),
+            None => 0,
+        }
+    };
+    let (mut log, payloads) = wal::Wal::open(path, WAL_CAPACITY, epoch)
+        .map_err(|e| StorageError::Backend(format!("write-ahead log {}: {e}", path.display())))?;
+    let ops = payloads
+        .iter()
+        .map(|p| decode(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !ops.is_empty() {
+        tracing::info!(
+            writes = ops.len(),
+            "applying writes from the write-ahead log"
+        );
+    }
+    let encoded = ops.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+    apply(db, &encoded, Some(epoch + 1), Durability::Immediate)?;
+    log.restart(epoch + 1);
+    Ok(log)
+}
+
+/// Commits queued writes in groups until closed; returns the closer's waiter.
 fn writer_loop(
     db: &Database,
+    mut log: wal::Wal,
     rx: &std_mpsc::Receiver<Job>,
     max: usize,
+    checkpoint_every: Duration,
 ) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
     let mut closing = None;
+    let mut framed = Vec::new();
+    let mut last_checkpoint = Instant::now();
     while closing.is_none() {
-        match rx.recv() {
+        let first = if log.is_empty() {
+            rx.recv().map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(checkpoint_every.saturating_sub(last_checkpoint.elapsed()))
+        };
+        match first {
             Ok(Job::Write(job)) => batch.push(job),
             Ok(Job::Close(done)) => closing = Some(done),
-            Err(_) => return None,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
         }
         while batch.len() < max && closing.is_none() {
             match rx.try_recv() {
@@ -163,45 +226,205 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            let started = Instant::now();
+            let size = batch.len();
+            let result = commit_group(db, &mut log, &batch, &mut framed, &mut last_checkpoint);
+            metrics::histogram!(telemetry::STORAGE_WRITE_DURATION)
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(telemetry::STORAGE_BATCH_SIZE).record(size as f64);
+            if let Err(e) = &result {
+                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                tracing::error!(error = %e, batch = size, "storage commit failed");
+            }
+            for job in batch.drain(..) {
+                let answer = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(StorageError::Backend(e.to_string())),
+                };
+                let _ = job.done.send(answer);
+            }
         }
-        let started = Instant::now();
-        let size = batch.len();
-        let result = commit_batch(db, &batch);
-        metrics::histogram!(telemetry::STORAGE_WRITE_DURATION)
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!(telemetry::STORAGE_BATCH_SIZE).record(size as f64);
-        if let Err(e) = &result {
-            metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
-            tracing::error!(error = %e, batch = size, "storage commit failed");
-        }
-        for job in batch.drain(..) {
-            let answer = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(StorageError::Backend(e.to_string())),
-            };
-            let _ = job.done.send(answer);
+        let due = last_checkpoint.elapsed() >= checkpoint_every || closing.is_some();
+        if due && !log.is_empty() {
+            if let Err(e) = checkpoint(db, &mut log) {
+                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                tracing::error!(error = %e, "storage checkpoint failed; the log keeps the writes");
+            }
+            last_checkpoint = Instant::now();
         }
     }
     closing
 }
 
-fn commit_batch(db: &Database, batch: &[Box<WriteJob>]) -> Result<(), StorageError> {
+/// Makes one group durable (log append + sync, or a durable redb commit when the group is
+/// larger than the log) and visible (redb commit).
+fn commit_group(
+    db: &Database,
+    log: &mut wal::Wal,
+    batch: &[Box<WriteJob>],
+    framed: &mut Vec<u8>,
+    last_checkpoint: &mut Instant,
+) -> Result<(), StorageError> {
+    let encoded = batch
+        .iter()
+        .map(|job| encode(&job.op))
+        .collect::<Result<Vec<_>, _>>()?;
+    framed.clear();
+    let mut payload = Vec::new();
+    for e in &encoded {
+        payload.clear();
+        e.write_payload(&mut payload);
+        log.frame(&payload, framed);
+    }
+    if !log.fits(framed.len()) {
+        checkpoint(db, log)?;
+        *last_checkpoint = Instant::now();
+    }
+    if !log.fits(framed.len()) {
+        // Larger than the whole log: straight to redb, durably.
+        return apply(db, &encoded, None, Durability::Immediate);
+    }
+    log.append_durably(framed)
+        .map_err(|e| StorageError::Backend(format!("write-ahead log: {e}")))?;
+    apply(db, &encoded, None, Durability::None)
+}
+
+/// A durable redb commit of everything applied so far; the log then starts a new epoch.
+fn checkpoint(db: &Database, log: &mut wal::Wal) -> Result<(), StorageError> {
+    let next = log.epoch() + 1;
+    apply(db, &[], Some(next), Durability::Immediate)?;
+    log.restart(next);
+    Ok(())
+}
+
+/// A write with its record already encoded once, for the log and for the table.
+struct Encoded<'a> {
+    op: std::borrow::Cow<'a, WriteOp>,
+    record: Vec<u8>,
+    answer: Option<Vec<u8>>,
+}
+
+fn encode(op: &WriteOp) -> Result<Encoded<'_>, StorageError> {
+    let (record, answer) = match op {
+        WriteOp::Insert(r, idem) => (
+            serde_json::to_vec(r).map_err(backend)?,
+            idem.as_ref()
+                .map(|(_, a)| serde_json::to_vec(a))
+                .transpose()
+                .map_err(backend)?,
+        ),
+        WriteOp::Update(r) => (serde_json::to_vec(r).map_err(backend)?, None),
+        WriteOp::State(_, value) => (value.clone(), None),
+    };
+    Ok(Encoded {
+        op: std::borrow::Cow::Borrowed(op),
+        record,
+        answer,
+    })
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl Encoded<'_> {
+    /// `tag | record` (1: insert, 2: update), `| key | answer` for an insert with an
+    /// Idempotency-Key (tag 3), `tag 4 | key | value` for a state write; each part
+    /// length-prefixed.
+    fn write_payload(&self, out: &mut Vec<u8>) {
+        match self.op.as_ref() {
+            WriteOp::Insert(_, None) => {
+                out.push(1);
+                put_bytes(out, &self.record);
+            }
+            WriteOp::Update(_) => {
+                out.push(2);
+                put_bytes(out, &self.record);
+            }
+            WriteOp::Insert(_, Some((key, _))) => {
+                out.push(3);
+                put_bytes(out, &self.record);
+                put_bytes(out, key.as_bytes());
+                put_bytes(out, self.answer.as_deref().unwrap_or_default());
+            }
+            WriteOp::State(key, _) => {
+                out.push(4);
+                put_bytes(out, key.as_bytes());
+                put_bytes(out, &self.record);
+            }
+        }
+    }
+}
+
+/// Reads back one log payload written by `write_payload`.
+fn decode(payload: &[u8]) -> Result<WriteOp, StorageError> {
+    fn corrupt() -> StorageError {
+        StorageError::Corrupt("write-ahead log record does not parse".into())
+    }
+    let mut rest = payload.get(1..).ok_or_else(corrupt)?;
+    let mut take = || -> Result<&[u8], StorageError> {
+        let len = u32::from_le_bytes(rest.get(..4).ok_or_else(corrupt)?.try_into().expect("4"));
+        let bytes = rest.get(4..4 + len as usize).ok_or_else(corrupt)?;
+        rest = &rest[4 + len as usize..];
+        Ok(bytes)
+    };
+    let record = |b: &[u8]| -> Result<LeadRecord, StorageError> {
+        serde_json::from_slice(b).map_err(|e| StorageError::Corrupt(e.to_string()))
+    };
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt());
+    Ok(match payload[0] {
+        1 => WriteOp::Insert(record(take()?)?, None),
+        2 => WriteOp::Update(record(take()?)?),
+        3 => {
+            let r = record(take()?)?;
+            let key = text(take()?)?;
+            let answer = serde_json::from_slice(take()?)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            WriteOp::Insert(r, Some((key, answer)))
+        }
+        4 => {
+            let key = text(take()?)?;
+            WriteOp::State(key, take()?.to_vec())
+        }
+        _ => return Err(corrupt()),
+    })
+}
+
+/// Applies writes to redb in one transaction (and the log epoch, at a checkpoint). Applying
+/// a write again, as a replay may, gives the same tables.
+fn apply(
+    db: &Database,
+    writes: &[Encoded<'_>],
+    epoch: Option<u64>,
+    durability: Durability,
+) -> Result<(), StorageError> {
     let mut txn = db.begin_write().map_err(backend)?;
-    txn.set_durability(Durability::Immediate).map_err(backend)?;
+    txn.set_durability(durability).map_err(backend)?;
     {
         let mut leads = txn.open_table(LEADS).map_err(backend)?;
         let mut by_day = txn.open_table(SUPPLIER_DAY).map_err(backend)?;
         let mut idem = txn.open_table(IDEMPOTENCY).map_err(backend)?;
         let mut pending = txn.open_table(PENDING).map_err(backend)?;
         let mut state = txn.open_table(STATE).map_err(backend)?;
-        for job in batch {
-            match &job.op {
+        for write in writes {
+            match write.op.as_ref() {
                 WriteOp::Insert(r, idempotency) => {
-                    let bytes = serde_json::to_vec(r).map_err(backend)?;
+                    // A replayed insert may find a newer version of its lead: its pending
+                    // entry goes, as the later update it is followed by puts it back.
+                    let previous: Option<LeadRecord> =
+                        match leads.get(r.lead_id.as_str()).map_err(backend)? {
+                            Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
+                            None => None,
+                        };
+                    if let Some(due) = previous.and_then(|p| p.next_retry_ms) {
+                        pending
+                            .remove(pending_key(&r.campaign_id, due, &r.lead_id).as_str())
+                            .map_err(backend)?;
+                    }
                     leads
-                        .insert(r.lead_id.as_str(), bytes.as_slice())
+                        .insert(r.lead_id.as_str(), write.record.as_slice())
                         .map_err(backend)?;
                     let key = day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id);
                     by_day.insert(key.as_str(), ()).map_err(backend)?;
@@ -210,9 +433,8 @@ fn commit_batch(db: &Database, batch: &[Box<WriteJob>]) -> Result<(), StorageErr
                             .insert(pending_key(&r.campaign_id, due, &r.lead_id).as_str(), ())
                             .map_err(backend)?;
                     }
-                    if let Some((key, answer)) = idempotency {
-                        let bytes = serde_json::to_vec(answer).map_err(backend)?;
-                        idem.insert(idem_key(&r.supplier_id, key).as_str(), bytes.as_slice())
+                    if let (Some((key, _)), Some(answer)) = (idempotency, &write.answer) {
+                        idem.insert(idem_key(&r.supplier_id, key).as_str(), answer.as_slice())
                             .map_err(backend)?;
                     }
                 }
@@ -227,9 +449,8 @@ fn commit_batch(db: &Database, batch: &[Box<WriteJob>]) -> Result<(), StorageErr
                             .remove(pending_key(&r.campaign_id, due, &r.lead_id).as_str())
                             .map_err(backend)?;
                     }
-                    let bytes = serde_json::to_vec(r).map_err(backend)?;
                     leads
-                        .insert(r.lead_id.as_str(), bytes.as_slice())
+                        .insert(r.lead_id.as_str(), write.record.as_slice())
                         .map_err(backend)?;
                     if let Some(due) = r.next_retry_ms {
                         pending
@@ -237,12 +458,17 @@ fn commit_batch(db: &Database, batch: &[Box<WriteJob>]) -> Result<(), StorageErr
                             .map_err(backend)?;
                     }
                 }
-                WriteOp::State(key, value) => {
+                WriteOp::State(key, _) => {
                     state
-                        .insert(key.as_str(), value.as_slice())
+                        .insert(key.as_str(), write.record.as_slice())
                         .map_err(backend)?;
                 }
             }
+        }
+        if let Some(epoch) = epoch {
+            state
+                .insert(WAL_EPOCH, epoch.to_le_bytes().as_slice())
+                .map_err(backend)?;
         }
     }
     txn.commit().map_err(backend)

@@ -5,6 +5,7 @@
 pub mod embedded;
 pub mod scylla;
 pub mod spill;
+mod wal;
 
 use std::sync::Arc;
 
@@ -175,9 +176,10 @@ pub async fn open(
 ) -> Result<Arc<spill::SpillingStore>, StorageError> {
     let inner: Arc<dyn LeadStore> = match config.backend.as_str() {
         "scylla" => Arc::new(self::scylla::ScyllaStore::open(config).await?),
-        _ => Arc::new(embedded::EmbeddedStore::open(
+        _ => Arc::new(embedded::EmbeddedStore::open_with(
             &config.path,
             config.group_commit_max,
+            std::time::Duration::from_millis(config.checkpoint_ms.max(1)),
         )?),
     };
     spill::SpillingStore::open(inner, &config.spill_file(), config.spill_max)
