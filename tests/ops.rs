@@ -1019,7 +1019,11 @@ async fn sigkill_loses_no_answered_lead_nor_its_idempotent_answer() {
     let mut lead_ids = Vec::new();
     for request in requests {
         let (status, body) = request.await.unwrap().unwrap();
-        assert_eq!((status, body["status"].as_str()), (200, Some("sold")), "{body}");
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("sold")),
+            "{body}"
+        );
         lead_ids.push(body["lead_id"].as_str().unwrap().to_owned());
     }
     let keyed = client

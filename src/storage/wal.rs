@@ -149,7 +149,10 @@ mod tests {
         append(&mut wal, &[b"three"]);
         drop(wal);
         let (_, found) = Wal::open(&path, 4096, 7).unwrap();
-        assert_eq!(found, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            found,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
     }
 
     #[test]
