@@ -144,6 +144,7 @@ fn exchange(c: &mut Criterion) {
                         post_url: sim.url("/post"),
                         headers: Vec::new(),
                         max_in_flight: 1024,
+                        http2: false,
                         in_flight: Default::default(),
                         mapping: ReplyMapping::default(),
                         health: health.clone(),

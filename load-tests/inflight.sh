@@ -6,15 +6,25 @@
 #
 #   load-tests/inflight.sh                      # 9,000 in flight, 1 buyer answering in 8 s
 #   INFLIGHT=3000 BUYERS=5 load-tests/inflight.sh
+#   HTTP2=1 load-tests/inflight.sh              # h2c on both legs (supplier and buyers)
 #
-# Each in-flight auction holds one supplier socket and one socket per buyer in leadex, so
-# INFLIGHT x (1 + BUYERS) must stay under the open-files limit (`ulimit -n`).
+# Over HTTP/1.1 each in-flight auction holds one supplier socket and one socket per buyer in
+# leadex, so INFLIGHT x (1 + BUYERS) must stay under the open-files limit (`ulimit -n`). With
+# HTTP2=1 the driver and leadex's buyer clients use h2c, so the leads in flight share a few
+# connections and the figure is the auction's own memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 INFLIGHT="${INFLIGHT:-9000}"
 BUYERS="${BUYERS:-1}"
 BUYER_MS="${BUYER_MS:-8000}"
+HTTP2="${HTTP2:-0}"
+h2_buyer=false
+h2_driver=()
+if [ "$HTTP2" = 1 ]; then
+  h2_buyer=true
+  h2_driver=(--http2)
+fi
 SKIP_BUILD="${SKIP_BUILD:-0}"
 PORT="${LEADEX_PORT:-18180}"
 BUYER_BASE_PORT=19200
@@ -22,7 +32,7 @@ bin="${BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}"
 work="$(mktemp -d -t leadex-inflight-XXXXXX)"
 
 need=$((INFLIGHT * (1 + BUYERS) + 200))
-if [ "$(ulimit -n)" -lt "$need" ]; then
+if [ "$HTTP2" != 1 ] && [ "$(ulimit -n)" -lt "$need" ]; then
   echo "INFLIGHT=$INFLIGHT with $BUYERS buyers needs about $need open files; ulimit -n is $(ulimit -n)" >&2
   exit 2
 fi
@@ -56,6 +66,7 @@ cat >"$work/leadex.toml" <<EOF
 [server]
 listen = "127.0.0.1:$PORT"
 max_in_flight_auctions = $((INFLIGHT * 2))
+h2c = $h2_buyer
 
 [storage]
 path = "$work/data"
@@ -93,6 +104,7 @@ campaigns = ["slow"]
 ping_url = "http://127.0.0.1:$port/ping"
 post_url = "http://127.0.0.1:$port/post"
 max_in_flight = $((INFLIGHT * 2))
+http2 = $h2_buyer
 EOF
   wait_port "$port"
 done
@@ -108,7 +120,8 @@ in_flight() {
 
 # A short warm-up at a low rate so idle RSS includes the lazily built parts.
 "$bin/leadex" loadgen --target "http://127.0.0.1:$PORT" --key "$key" --seller LOAD0001 \
-  --rate 50 --duration-secs 1 --warmup-secs 0 --timeout-ms $((BUYER_MS + 8000)) --quiet >/dev/null
+  --rate 50 --duration-secs 1 --warmup-secs 0 --timeout-ms $((BUYER_MS + 8000)) --quiet \
+  "${h2_driver[@]}" >/dev/null
 idle=$(rss_kb)
 
 rate=$(awk -v n="$INFLIGHT" -v ms="$BUYER_MS" 'BEGIN {printf "%.1f", n * 1000 / ms}')
@@ -116,7 +129,8 @@ secs=$(awk -v ms="$BUYER_MS" 'BEGIN {printf "%.1f", ms / 1000 + 1.5}')
 echo "idle RSS $idle kB; sending $rate leads/s for $secs s to buyers answering in $BUYER_MS ms ($BUYERS buyers)"
 "$bin/leadex" loadgen --target "http://127.0.0.1:$PORT" --key "$key" --seller LOAD0001 \
   --rate "$rate" --duration-secs "$secs" --warmup-secs 0 --timeout-ms $((BUYER_MS + 8000)) \
-  --max-in-flight $((INFLIGHT * 2)) --threads 1 --quiet --label "inflight" >"$work/loadgen.txt" &
+  --max-in-flight $((INFLIGHT * 2)) --threads 1 --quiet --label "inflight" "${h2_driver[@]}" \
+  >"$work/loadgen.txt" &
 driver=$!
 pids+=("$driver")
 

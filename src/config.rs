@@ -73,6 +73,11 @@ pub struct ServerConfig {
     /// from anyone else the header is ignored, as a caller could forge it.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Also accept HTTP/2 without TLS (h2c, prior knowledge) on the listener, for a load
+    /// balancer that multiplexes leads on a few connections. Off by default: an HTTP/2
+    /// client stays connected while idle, so a graceful stop then waits out its grace.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +89,7 @@ impl Default for ServerConfig {
             log_format: default_log_format(),
             shutdown_grace_secs: default_grace(),
             trusted_proxies: Vec::new(),
+            h2c: false,
         }
     }
 }
@@ -332,6 +338,11 @@ pub struct BuyerConfig {
     /// Requests to this buyer in flight at once; past it the buyer is skipped (no bid).
     #[serde(default = "default_buyer_in_flight")]
     pub max_in_flight: usize,
+    /// Speak HTTP/2 to a plain `http://` buyer from the first byte (h2c, prior knowledge):
+    /// all its requests share one connection per worker instead of one each. `https://`
+    /// buyers get HTTP/2 by TLS negotiation whenever they offer it, without this.
+    #[serde(default)]
+    pub http2: bool,
     /// Only leads from these states (two-letter codes).
     #[serde(default)]
     pub states: Vec<Spanned<String>>,

@@ -84,6 +84,10 @@ pub struct LoadgenArgs {
     /// Hide the progress display.
     #[arg(long)]
     pub quiet: bool,
+    /// Send over HTTP/2 without TLS (h2c, prior knowledge): every lead in flight shares
+    /// one connection, as behind a multiplexing load balancer.
+    #[arg(long)]
+    pub http2: bool,
 }
 
 /// Why a request did not get a usable 200; the words are the table's error kinds.
@@ -357,7 +361,11 @@ pub fn drive(args: &LoadgenArgs) -> Result<Summary, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder();
+    if args.http2 {
+        client = client.http2_prior_knowledge();
+    }
+    let client = client
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(30))
         .build()

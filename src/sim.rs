@@ -118,6 +118,8 @@ pub struct SimStats {
     pub posts: AtomicU64,
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
+    /// Pings and posts that came over HTTP/2.
+    pub http2: AtomicU64,
     ping_bodies: Mutex<Vec<Value>>,
     post_bodies: Mutex<Vec<Value>>,
 }
@@ -137,6 +139,9 @@ impl SimStats {
     }
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+    pub fn http2(&self) -> u64 {
+        self.http2.load(Ordering::SeqCst)
     }
 }
 
@@ -205,7 +210,8 @@ impl BuyerSim {
         .backlog(4096)
         .disable_signals()
         .shutdown_timeout(1)
-        .listen(listener)?
+        // HTTP/1.1, and h2c for exchanges configured with `http2 = true`.
+        .listen_auto_h2c(listener)?
         .run();
         Ok((server, addr, state))
     }
@@ -242,7 +248,18 @@ async fn sleep_in(range: (u64, u64)) {
     }
 }
 
-async fn ping(state: web::Data<SimState>, body: web::Json<Value>) -> HttpResponse {
+fn count_version(state: &SimState, req: &actix_web::HttpRequest) {
+    if req.version() == actix_web::http::Version::HTTP_2 {
+        state.stats.http2.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn ping(
+    state: web::Data<SimState>,
+    req: actix_web::HttpRequest,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    count_version(&state, &req);
     state.stats.pings.fetch_add(1, Ordering::SeqCst);
     let behaviour = state.behaviour.lock().expect("behaviour").clone();
     let ping_id = body.get("ping_id").cloned().unwrap_or(Value::Null);
@@ -252,7 +269,12 @@ async fn ping(state: web::Data<SimState>, body: web::Json<Value>) -> HttpRespons
     HttpResponse::Ok().json(json!({"bid": bid.as_f64(), "token": ping_id}))
 }
 
-async fn post(state: web::Data<SimState>, body: web::Json<Value>) -> HttpResponse {
+async fn post(
+    state: web::Data<SimState>,
+    req: actix_web::HttpRequest,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    count_version(&state, &req);
     state.stats.posts.fetch_add(1, Ordering::SeqCst);
     let behaviour = state.behaviour.lock().expect("behaviour").clone();
     keep(&state.stats.post_bodies, body.into_inner());

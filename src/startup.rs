@@ -244,6 +244,7 @@ impl Application {
         } else {
             config.server.workers
         };
+        let h2c = config.server.h2c;
         let server = HttpServer::new(move || {
             http::app(state.clone(), http::LocalCampaigns(plan.start_here(false)))
         })
@@ -254,8 +255,13 @@ impl Application {
         // one). Its own timeout is only a backstop, one second behind ours, so the
         // grace timer there decides and can report a forced stop.
         .disable_signals()
-        .shutdown_timeout(config.server.shutdown_grace_secs + 1)
-        .listen(listener)
+        .shutdown_timeout(config.server.shutdown_grace_secs + 1);
+        // HTTP/1.1, and with `h2c` HTTP/2 without TLS for clients that start with its preface.
+        let server = if h2c {
+            server.listen_auto_h2c(listener)
+        } else {
+            server.listen(listener)
+        }
         .map_err(|source| StartupError::Bind {
             addr: addr.to_string(),
             source,
@@ -447,6 +453,7 @@ impl ActorPlan {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             max_in_flight: buyer.max_in_flight,
+            http2: buyer.http2,
             in_flight: in_flight.clone(),
             mapping: buyer.reply_mapping(),
             health: health.clone(),

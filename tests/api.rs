@@ -59,6 +59,66 @@ async fn best_bid_in_time_wins_and_only_the_winner_gets_a_post() {
 }
 
 #[actix_web::test]
+async fn http2_on_both_legs_suppliers_by_h2c_and_buyers_with_http2_true() {
+    let (a, b) = (sim("12.50", 0), sim("30", 0));
+    let buyers = ping_buyer("a", &a, "http2 = true") + &ping_buyer("b", &b, "");
+    let text = config(&data_dir(), "", &buyers).replace("[server]", "[server]\nh2c = true");
+    let app = TestApp::spawn(&text).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let response = h2
+            .post(app.url("/api/leads"))
+            .bearer_auth(KEY)
+            .json(&lead())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let body: Value = response.json().await.unwrap();
+        statuses.push((body["status"].clone(), body["buyer_ids"].clone()));
+    }
+    assert_eq!(statuses, vec![(json!("sold"), json!(["b"])); 5]);
+    // `a` is pinged over h2c, `b` (no `http2`) over HTTP/1.1.
+    assert_eq!((a.stats.pings(), a.stats.http2()), (5, 5));
+    assert_eq!(
+        (b.stats.pings() + b.stats.posts(), b.stats.http2()),
+        (10, 0)
+    );
+
+    // The h2c buyer goes away and comes back on the same port: the exchange dials again.
+    let port = a.addr.port();
+    a.stop().await;
+    let (status, body) = app.post_lead(&lead()).await;
+    assert_eq!((status, body["buyer_ids"].clone()), (200, json!(["b"])));
+    let back = leadex::sim::BuyerSim::start(
+        &format!("127.0.0.1:{port}"),
+        leadex::sim::Behaviour {
+            bid: leadex::sim::BidSpec::parse("40").unwrap(),
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
+    let (status, body) = app.post_lead(&lead()).await;
+    assert_eq!(
+        (status, body["buyer_ids"].clone()),
+        (200, json!(["a"])),
+        "{body}"
+    );
+    assert_eq!(
+        (back.stats.pings(), back.stats.posts(), back.stats.http2()),
+        (1, 1, 2)
+    );
+    // An idle HTTP/2 client keeps its connection: it leaves before the graceful stop.
+    drop(h2);
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn late_bid_is_ignored_and_the_answer_still_comes_in_time() {
     let (late, on_time) = (sim("99", 700), sim("10", 10));
     let buyers = ping_buyer("late", &late, "") + &ping_buyer("on-time", &on_time, "");

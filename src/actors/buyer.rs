@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix::{Actor, Context, Handler, ResponseFuture};
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use metrics::{counter, gauge, histogram};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
@@ -104,6 +105,8 @@ pub struct BuyerSettings {
     pub post_url: String,
     pub headers: Vec<(String, String)>,
     pub max_in_flight: usize,
+    /// h2c with prior knowledge (`http2` in the config).
+    pub http2: bool,
     /// Requests in flight to this buyer from every actor of it on this node (one per HTTP
     /// worker), so `max_in_flight` holds per node.
     pub in_flight: Arc<AtomicUsize>,
@@ -119,7 +122,7 @@ struct Inner {
     id: String,
     ping_url: Option<reqwest::Url>,
     post_url: reqwest::Url,
-    client: reqwest::Client,
+    transport: Transport,
     mapping: ReplyMapping,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
@@ -144,24 +147,31 @@ impl BuyerActor {
                 .map_err(|e| format!("buyer {}: header value: {e}", settings.id))?;
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .pool_max_idle_per_host(settings.max_in_flight.min(512))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("leadex/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("buyer {}: http client: {e}", settings.id))?;
         let parse = |u: &str| {
             reqwest::Url::parse(u).map_err(|e| format!("buyer {}: {u}: {e}", settings.id))
         };
+        let ping_url = settings.ping_url.as_deref().map(parse).transpose()?;
+        let post_url = parse(&settings.post_url)?;
+        headers.insert(
+            reqwest::header::USER_AGENT,
+            HeaderValue::from_static(USER_AGENT),
+        );
+        let transport = if settings.http2 && post_url.scheme() == "http" {
+            Transport::H2c(Box::new(H2c::new(
+                &settings.id,
+                &post_url,
+                ping_url.as_ref(),
+                headers,
+            )?))
+        } else {
+            Transport::Pooled(Self::pooled_client(&settings, headers)?)
+        };
         Ok(BuyerActor {
             inner: Arc::new(Inner {
-                ping_url: settings.ping_url.as_deref().map(parse).transpose()?,
-                post_url: parse(&settings.post_url)?,
+                ping_url,
+                post_url,
                 id: settings.id,
-                client,
+                transport,
                 mapping: settings.mapping,
                 in_flight: settings.in_flight,
                 max_in_flight: settings.max_in_flight,
@@ -169,7 +179,155 @@ impl BuyerActor {
             }),
         })
     }
+
+    /// HTTP/1.1 keep-alive pool (HTTP/2 when a TLS buyer offers it; h2c when asked for a
+    /// buyer this client cannot dial itself).
+    fn pooled_client(
+        settings: &BuyerSettings,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Client, String> {
+        let mut client = reqwest::Client::builder();
+        if settings.http2 {
+            client = client.http2_prior_knowledge();
+        }
+        client
+            .default_headers(headers)
+            .pool_max_idle_per_host(settings.max_in_flight.min(512))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("buyer {}: http client: {e}", settings.id))
+    }
 }
+
+const USER_AGENT: &str = concat!("leadex/", env!("CARGO_PKG_VERSION"));
+
+/// How requests reach a buyer.
+enum Transport {
+    /// reqwest's pooled client.
+    Pooled(reqwest::Client),
+    /// One HTTP/2 connection without TLS (prior knowledge) per actor, many streams on it:
+    /// a request in flight costs a stream, not a connection and its buffers.
+    H2c(Box<H2c>),
+}
+
+struct H2c {
+    /// `host:port` to dial.
+    authority: String,
+    ping_uri: Option<http::Uri>,
+    post_uri: http::Uri,
+    headers: HeaderMap,
+    sender: Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>,
+    /// One dial at a time; requests arriving meanwhile wait for it and share it.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl H2c {
+    fn new(
+        id: &str,
+        post_url: &reqwest::Url,
+        ping_url: Option<&reqwest::Url>,
+        headers: HeaderMap,
+    ) -> Result<H2c, String> {
+        let uri = |u: &reqwest::Url| {
+            u.as_str()
+                .parse::<http::Uri>()
+                .map_err(|e| format!("buyer {id}: {u}: {e}"))
+        };
+        if let Some(ping) = ping_url
+            && (ping.host_str(), ping.port_or_known_default())
+                != (post_url.host_str(), post_url.port_or_known_default())
+        {
+            return Err(format!(
+                "buyer {id}: http2 needs ping_url and post_url on one host and port"
+            ));
+        }
+        let host = post_url
+            .host_str()
+            .ok_or_else(|| format!("buyer {id}: {post_url}: no host"))?;
+        let port = post_url.port_or_known_default().unwrap_or(80);
+        Ok(H2c {
+            authority: format!("{host}:{port}"),
+            ping_uri: ping_url.map(uri).transpose()?,
+            post_uri: uri(post_url)?,
+            headers,
+            sender: Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The live connection's sender, dialling (once, for every waiting request) when there
+    /// is none or it closed.
+    async fn sender(
+        &self,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, CallError> {
+        let live = |slot: &Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>| {
+            slot.as_ref().filter(|s| !s.is_closed()).cloned()
+        };
+        if let Some(sender) = live(&self.sender.lock().expect("h2c sender")) {
+            return Ok(sender);
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(sender) = live(&self.sender.lock().expect("h2c sender")) {
+            return Ok(sender);
+        }
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| CallError::Timeout)?
+        .map_err(|_| CallError::Transport)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|_| CallError::Transport)?;
+        let authority = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%authority, error = %e, "h2c connection to buyer ended");
+            }
+        });
+        *self.sender.lock().expect("h2c sender") = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn call(&self, uri: &http::Uri, body: Bytes) -> Result<(u16, Bytes), CallError> {
+        let mut sender = self.sender().await?;
+        let mut request = http::Request::post(uri.clone())
+            .version(http::Version::HTTP_2)
+            .body(Full::new(body))
+            .map_err(|_| CallError::Transport)?;
+        request.headers_mut().extend(self.headers.clone());
+        sender.ready().await.map_err(|_| CallError::Transport)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|_| CallError::Transport)?;
+        let status = response.status().as_u16();
+        match Limited::new(response.into_body(), MAX_REPLY_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => Ok((status, body.to_bytes())),
+            Err(e) if e.is::<LengthLimitError>() => Err(CallError::TooLarge),
+            Err(_) => Err(CallError::Transport),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Ping,
+    Post,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Actor for BuyerActor {
     type Context = Context<Self>;
@@ -185,6 +343,7 @@ impl Inner {
     /// Sends one request, bounded by `deadline` and by the buyer's in-flight cap.
     async fn call(
         &self,
+        endpoint: Endpoint,
         url: &reqwest::Url,
         body: Bytes,
         deadline: Instant,
@@ -195,8 +354,17 @@ impl Inner {
         }
         gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => self.id.clone()).increment(1.0);
         let request = async {
-            let mut response = self
-                .client
+            let client = match &self.transport {
+                Transport::Pooled(client) => client,
+                Transport::H2c(h2c) => {
+                    let uri = match endpoint {
+                        Endpoint::Ping => h2c.ping_uri.as_ref().unwrap_or(&h2c.post_uri),
+                        Endpoint::Post => &h2c.post_uri,
+                    };
+                    return h2c.call(uri, body).await;
+                }
+            };
+            let mut response = client
                 .post(url.clone())
                 .body(body)
                 .send()
@@ -237,7 +405,10 @@ impl Handler<Ping> for BuyerActor {
             let started = Instant::now();
             let reply = match &inner.ping_url {
                 None => PingReply::NoBid(NoBid::Declined),
-                Some(url) => match inner.call(url, msg.body, msg.deadline).await {
+                Some(url) => match inner
+                    .call(Endpoint::Ping, url, msg.body, msg.deadline)
+                    .await
+                {
                     Ok((status, body)) => buyers::parse_ping_reply(status, &body, &inner.mapping),
                     Err(CallError::Timeout) => PingReply::NoBid(NoBid::Timeout),
                     Err(CallError::Transport) => PingReply::NoBid(NoBid::Transport),
@@ -275,7 +446,10 @@ impl Handler<Post> for BuyerActor {
         let inner = self.inner.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let reply = match inner.call(&inner.post_url, msg.body, msg.deadline).await {
+            let reply = match inner
+                .call(Endpoint::Post, &inner.post_url, msg.body, msg.deadline)
+                .await
+            {
                 Ok((status, body)) => buyers::parse_post_reply(status, &body, &inner.mapping),
                 Err(CallError::Timeout) => PostReply::Refused(Refusal::Timeout, None),
                 Err(CallError::Transport) => PostReply::Refused(Refusal::Transport, None),
