@@ -127,6 +127,24 @@ struct Inner {
     in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
     health: Arc<BuyerHealth>,
+    metrics: BuyerMetrics,
+}
+
+/// The buyer's series with fixed labels, looked up once instead of per request.
+struct BuyerMetrics {
+    in_flight: metrics::Gauge,
+    ping_duration: metrics::Histogram,
+    post_duration: metrics::Histogram,
+}
+
+impl BuyerMetrics {
+    fn new(id: &str) -> BuyerMetrics {
+        BuyerMetrics {
+            in_flight: gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => id.to_owned()),
+            ping_duration: histogram!(telemetry::BUYER_PING_DURATION, "buyer" => id.to_owned()),
+            post_duration: histogram!(telemetry::BUYER_POST_DURATION, "buyer" => id.to_owned()),
+        }
+    }
 }
 
 enum CallError {
@@ -170,6 +188,7 @@ impl BuyerActor {
             inner: Arc::new(Inner {
                 ping_url,
                 post_url,
+                metrics: BuyerMetrics::new(&settings.id),
                 id: settings.id,
                 transport,
                 mapping: settings.mapping,
@@ -352,7 +371,7 @@ impl Inner {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(CallError::Overloaded);
         }
-        gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => self.id.clone()).increment(1.0);
+        self.metrics.in_flight.increment(1.0);
         let request = async {
             let client = match &self.transport {
                 Transport::Pooled(client) => client,
@@ -391,7 +410,7 @@ impl Inner {
             Err(_) => Err(CallError::Timeout),
         };
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => self.id.clone()).decrement(1.0);
+        self.metrics.in_flight.decrement(1.0);
         result
     }
 }
@@ -428,8 +447,7 @@ impl Handler<Ping> for BuyerActor {
                 PingReply::NoBid(why) => why.as_str(),
             };
             counter!(telemetry::BUYER_PINGS_TOTAL, "buyer" => inner.id.clone(), "outcome" => outcome).increment(1);
-            histogram!(telemetry::BUYER_PING_DURATION, "buyer" => inner.id.clone())
-                .record(latency.as_secs_f64());
+            inner.metrics.ping_duration.record(latency.as_secs_f64());
             PingResult {
                 reply,
                 latency,
@@ -469,8 +487,7 @@ impl Handler<Post> for BuyerActor {
                 PostReply::Refused(why, _) => why.as_str(),
             };
             counter!(telemetry::BUYER_POSTS_TOTAL, "buyer" => inner.id.clone(), "outcome" => outcome).increment(1);
-            histogram!(telemetry::BUYER_POST_DURATION, "buyer" => inner.id.clone())
-                .record(latency.as_secs_f64());
+            inner.metrics.post_duration.record(latency.as_secs_f64());
             PostResult { reply, latency }
         })
     }

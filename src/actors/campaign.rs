@@ -90,13 +90,21 @@ struct Shared {
     sweeping: AtomicBool,
     /// Leads being re-auctioned on this node now.
     retrying: Mutex<HashSet<String>>,
+    metrics: CampaignMetrics,
+}
+
+/// The campaign's series every auction touches, looked up once.
+struct CampaignMetrics {
+    in_flight: metrics::Gauge,
+    duration: metrics::Histogram,
+    sold: metrics::Counter,
+    sold_value: metrics::Counter,
 }
 
 impl CampaignActor {
     pub fn new(settings: CampaignSettings, services: CampaignServices) -> CampaignActor {
         CampaignActor {
             shared: Arc::new(Shared {
-                settings,
                 store: services.store,
                 coord: services.coord,
                 clock: services.clock,
@@ -105,6 +113,13 @@ impl CampaignActor {
                 reauctions: services.reauctions,
                 sweeping: AtomicBool::new(false),
                 retrying: Mutex::new(HashSet::new()),
+                metrics: CampaignMetrics {
+                    in_flight: gauge!(telemetry::AUCTIONS_IN_FLIGHT),
+                    duration: histogram!(telemetry::AUCTION_DURATION, "campaign" => settings.id.clone()),
+                    sold: counter!(telemetry::LEADS_TOTAL, "campaign" => settings.id.clone(), "outcome" => LeadStatus::Sold.as_str()),
+                    sold_value: counter!(telemetry::SOLD_VALUE_TOTAL, "campaign" => settings.id.clone()),
+                },
+                settings,
             }),
         }
     }
@@ -162,17 +177,20 @@ struct Sale {
 impl Shared {
     async fn run(&self, msg: RunAuction) -> Result<LeadRecord, AuctionError> {
         let started = Instant::now();
-        gauge!(telemetry::AUCTIONS_IN_FLIGHT).increment(1.0);
+        let metrics = &self.metrics;
+        metrics.in_flight.increment(1.0);
         let result = self.first_auction(msg, started).await;
-        gauge!(telemetry::AUCTIONS_IN_FLIGHT).decrement(1.0);
+        metrics.in_flight.decrement(1.0);
         if let Ok(record) = &result {
-            let campaign = self.settings.id.clone();
-            histogram!(telemetry::AUCTION_DURATION, "campaign" => campaign.clone())
-                .record(started.elapsed().as_secs_f64());
-            counter!(telemetry::LEADS_TOTAL, "campaign" => campaign.clone(), "outcome" => record.status.as_str()).increment(1);
-            if record.status == LeadStatus::Sold {
-                counter!(telemetry::SOLD_VALUE_TOTAL, "campaign" => campaign)
-                    .increment(record.price_cents.max(0) as u64);
+            metrics.duration.record(started.elapsed().as_secs_f64());
+            match record.status {
+                LeadStatus::Sold => {
+                    metrics.sold.increment(1);
+                    metrics
+                        .sold_value
+                        .increment(record.price_cents.max(0) as u64);
+                }
+                status => counter!(telemetry::LEADS_TOTAL, "campaign" => self.settings.id.clone(), "outcome" => status.as_str()).increment(1),
             }
         }
         result

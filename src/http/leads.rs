@@ -456,7 +456,8 @@ async fn run_lead(
         });
     };
     let lead_id = state.new_lead_id();
-    tracing::info!(lead_id = %lead_id, campaign = %campaign.id, supplier = %supplier.id, "lead accepted");
+    // One info line per lead ("auction done"); this one only at debug.
+    tracing::debug!(lead_id = %lead_id, campaign = %campaign.id, supplier = %supplier.id, "lead accepted");
     let outcome = actor
         .send(RunAuction {
             lead_id,
