@@ -124,6 +124,7 @@ listen = "127.0.0.1:$LEADEX_PORT"
 [storage]
 backend = "embedded"
 path = "$data_dir"
+checkpoint_ms = ${CHECKPOINT_MS:-1000}
 
 [rate_limit]
 requests = 100000000
@@ -209,6 +210,7 @@ drive() {
   "$bin/leadex" loadgen --target "http://127.0.0.1:$port" --keys-file "$keys_file" \
     --seller LOAD0001 --category "$category" --duration-secs "$DURATION" \
     --warmup-secs "$WARMUP" --timeout-ms 5000 --slo-p99-ms "$SLO_P99_MS" \
+    --slo-max-pending-pct 1 \
     --label "$label" --summary-file "$summary" "$@"
   after="$(cpu_ticks "$pid")"
   switched=$(($(switches "$pid") - switched))

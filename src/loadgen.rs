@@ -72,6 +72,10 @@ pub struct LoadgenArgs {
     /// Print a verdict for p99 under this many ms (e.g. deadline + 50).
     #[arg(long)]
     pub slo_p99_ms: Option<f64>,
+    /// With the verdict: a run answering more than this share (%) `pending` is not held
+    /// (for buyers that always bid, pending means they were skipped, e.g. breakers open).
+    #[arg(long)]
+    pub slo_max_pending_pct: Option<f64>,
     /// Name of this run in the table and the summary file.
     #[arg(long, default_value = "leadex")]
     pub label: String,
@@ -635,10 +639,21 @@ pub fn render(args: &LoadgenArgs, s: &Summary) -> String {
     }
     if let Some(limit) = args.slo_p99_ms {
         let error_share = share(s.failed);
-        let held = s.latency_ms[2] < limit && error_share < 0.1;
+        let pending_share = share(s.pending);
+        let pending_ok = args
+            .slo_max_pending_pct
+            .is_none_or(|max| pending_share <= max);
+        let held = s.latency_ms[2] < limit && error_share < 0.1 && pending_ok;
+        let pending = match args.slo_max_pending_pct {
+            Some(max) => format!(
+                ", pending {pending_share:.2}% {} {max}%",
+                if pending_ok { "<=" } else { ">" }
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  verdict   p99 {:.2} ms {} {limit:.0} ms, errors {error_share:.3}% {} 0.1%: {}",
+            "  verdict   p99 {:.2} ms {} {limit:.0} ms, errors {error_share:.3}% {} 0.1%{pending}: {}",
             s.latency_ms[2],
             if s.latency_ms[2] < limit { "<" } else { ">=" },
             if error_share < 0.1 { "<" } else { ">=" },
