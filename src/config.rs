@@ -108,6 +108,9 @@ pub struct StorageConfig {
     /// write-ahead log starts again); a restart after a crash replays at most this much.
     #[serde(default = "default_checkpoint_ms")]
     pub checkpoint_ms: u64,
+    /// `embedded`: memory for redb's page cache (recently written and read leads).
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: usize,
     /// `scylla`: contact points, `host:port`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -160,6 +163,7 @@ impl Default for StorageConfig {
             path: default_storage_path(),
             group_commit_max: default_group_commit(),
             checkpoint_ms: default_checkpoint_ms(),
+            cache_mib: default_cache_mib(),
             nodes: Vec::new(),
             keyspace: default_keyspace(),
             replication_factor: None,
@@ -567,6 +571,10 @@ fn default_storage_path() -> PathBuf {
 }
 fn default_checkpoint_ms() -> u64 {
     1000
+}
+
+fn default_cache_mib() -> usize {
+    64
 }
 
 fn default_group_commit() -> usize {

@@ -153,6 +153,18 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = builder
                 .install_recorder()
                 .expect("the metrics recorder is installed once");
+            // Histogram samples wait in buckets until drained; a scrape drains them, and so
+            // does this, so memory stays flat on a node nobody scrapes (a laptop, a test).
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("leadex-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("the metrics upkeep thread starts");
             describe();
             handle
         })

@@ -38,6 +38,8 @@ const WAL_FILE: &str = "leadex.wal";
 /// Size of the log file, allocated once. A group larger than this skips the log and is
 /// committed durably to redb directly; the log is checkpointed early when it is full.
 const WAL_CAPACITY: u64 = 8 << 20;
+/// Default page cache (redb's own default is 1 GiB).
+const CACHE_BYTES: usize = 64 << 20;
 /// Default longest time between checkpoints while writes come in (and after the last).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -83,18 +85,22 @@ fn idem_key(supplier: &str, key: &str) -> String {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, and starts its writer thread.
     pub fn open(dir: &Path, group_commit_max: usize) -> Result<EmbeddedStore, StorageError> {
-        EmbeddedStore::open_with(dir, group_commit_max, CHECKPOINT_EVERY)
+        EmbeddedStore::open_with(dir, group_commit_max, CHECKPOINT_EVERY, CACHE_BYTES)
     }
 
-    /// As `open`, with the longest time between checkpoints.
+    /// As `open`, with the longest time between checkpoints and redb's cache size.
     pub fn open_with(
         dir: &Path,
         group_commit_max: usize,
         checkpoint_every: Duration,
+        cache_bytes: usize,
     ) -> Result<EmbeddedStore, StorageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("leadex.redb")).map_err(backend)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("leadex.redb"))
+            .map_err(backend)?;
         {
             let txn = db.begin_write().map_err(backend)?;
             txn.open_table(LEADS).map_err(backend)?;

@@ -180,6 +180,7 @@ pub async fn open(
             &config.path,
             config.group_commit_max,
             std::time::Duration::from_millis(config.checkpoint_ms.max(1)),
+            config.cache_mib.max(1) << 20,
         )?),
     };
     spill::SpillingStore::open(inner, &config.spill_file(), config.spill_max)
