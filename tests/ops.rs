@@ -210,6 +210,27 @@ fn slow_sim(ping_ms: u64, post_ms: u64) -> BuyerSim {
     })
 }
 
+/// Each lead is stored as sold to `slow-buyer` at 15.00.
+async fn assert_sold_to_slow_buyer(
+    client: &reqwest::Client,
+    exchange: &Exchange,
+    lead_ids: &[String],
+) {
+    for lead_id in lead_ids {
+        let response = client
+            .get(exchange.url(&format!("/api/leads/{lead_id}")))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{lead_id} stored");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "sold", "{body}");
+        assert_eq!(body["buyer_ids"], json!(["slow-buyer"]), "{body}");
+        assert_eq!(body["price"], json!(15.0), "{body}");
+    }
+}
+
 /// Waits (bounded) until `done` holds.
 async fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
@@ -981,19 +1002,7 @@ async fn sigterm_lets_fifty_auctions_in_flight_finish_and_be_stored() {
 
     // Every answered lead is in the store after a restart.
     let restarted = Exchange::start(&text, "text", "info").await;
-    for lead_id in &lead_ids {
-        let response = client
-            .get(restarted.url(&format!("/api/leads/{lead_id}")))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200, "{lead_id} stored");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["status"], "sold", "{body}");
-        assert_eq!(body["buyer_ids"], json!(["slow-buyer"]), "{body}");
-        assert_eq!(body["price"], json!(15.0), "{body}");
-    }
+    assert_sold_to_slow_buyer(&client, &restarted, &lead_ids).await;
     drop(restarted);
 }
 
@@ -1052,18 +1061,7 @@ async fn sigkill_loses_no_answered_lead_nor_its_idempotent_answer() {
         log.contains("applying writes from the write-ahead log writes=41"),
         "{log}"
     );
-    for lead_id in &lead_ids {
-        let response = client
-            .get(restarted.url(&format!("/api/leads/{lead_id}")))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200, "{lead_id} stored");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["status"], "sold", "{body}");
-        assert_eq!(body["buyer_ids"], json!(["slow-buyer"]), "{body}");
-    }
+    assert_sold_to_slow_buyer(&client, &restarted, &lead_ids).await;
     // The repeat gets the first answer, with no second auction.
     let posts_before = buyer.stats.posts();
     let repeat = client

@@ -399,6 +399,29 @@ fn decode(payload: &[u8]) -> Result<WriteOp, StorageError> {
     })
 }
 
+/// Stores `record` (encoded: `bytes`) as its lead, dropping the pending-queue entry of the
+/// version it replaces; the caller queues the new one.
+fn replace_lead(
+    leads: &mut redb::Table<&str, &[u8]>,
+    pending: &mut redb::Table<&str, ()>,
+    record: &LeadRecord,
+    bytes: &[u8],
+) -> Result<(), StorageError> {
+    let previous: Option<LeadRecord> = match leads.get(record.lead_id.as_str()).map_err(backend)? {
+        Some(stored) => serde_json::from_slice(stored.value()).ok(),
+        None => None,
+    };
+    if let Some(due) = previous.and_then(|p| p.next_retry_ms) {
+        pending
+            .remove(pending_key(&record.campaign_id, due, &record.lead_id).as_str())
+            .map_err(backend)?;
+    }
+    leads
+        .insert(record.lead_id.as_str(), bytes)
+        .map_err(backend)?;
+    Ok(())
+}
+
 /// Applies writes to redb in one transaction (and the log epoch, at a checkpoint). Applying
 /// a write again, as a replay may, gives the same tables.
 fn apply(
@@ -420,19 +443,7 @@ fn apply(
                 WriteOp::Insert(r, idempotency) => {
                     // A replayed insert may find a newer version of its lead: its pending
                     // entry goes, as the later update it is followed by puts it back.
-                    let previous: Option<LeadRecord> =
-                        match leads.get(r.lead_id.as_str()).map_err(backend)? {
-                            Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
-                            None => None,
-                        };
-                    if let Some(due) = previous.and_then(|p| p.next_retry_ms) {
-                        pending
-                            .remove(pending_key(&r.campaign_id, due, &r.lead_id).as_str())
-                            .map_err(backend)?;
-                    }
-                    leads
-                        .insert(r.lead_id.as_str(), write.record.as_slice())
-                        .map_err(backend)?;
+                    replace_lead(&mut leads, &mut pending, r, &write.record)?;
                     let key = day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id);
                     by_day.insert(key.as_str(), ()).map_err(backend)?;
                     if let Some(due) = r.next_retry_ms {
@@ -446,19 +457,7 @@ fn apply(
                     }
                 }
                 WriteOp::Update(r) => {
-                    let previous: Option<LeadRecord> =
-                        match leads.get(r.lead_id.as_str()).map_err(backend)? {
-                            Some(bytes) => serde_json::from_slice(bytes.value()).ok(),
-                            None => None,
-                        };
-                    if let Some(due) = previous.and_then(|p| p.next_retry_ms) {
-                        pending
-                            .remove(pending_key(&r.campaign_id, due, &r.lead_id).as_str())
-                            .map_err(backend)?;
-                    }
-                    leads
-                        .insert(r.lead_id.as_str(), write.record.as_slice())
-                        .map_err(backend)?;
+                    replace_lead(&mut leads, &mut pending, r, &write.record)?;
                     if let Some(due) = r.next_retry_ms {
                         pending
                             .insert(pending_key(&r.campaign_id, due, &r.lead_id).as_str(), ())
