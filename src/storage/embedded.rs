@@ -43,7 +43,6 @@ const CACHE_BYTES: usize = 64 << 20;
 /// Default longest time between checkpoints while writes come in (and after the last).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-#[derive(Clone)]
 enum WriteOp {
     Insert(LeadRecord, Option<(String, IdempotentAnswer)>),
     Update(LeadRecord),
@@ -307,7 +306,7 @@ fn checkpoint(db: &Database, log: &mut wal::Wal) -> Result<(), StorageError> {
 
 /// A write with its record already encoded once, for the log and for the table.
 struct Encoded<'a> {
-    op: std::borrow::Cow<'a, WriteOp>,
+    op: &'a WriteOp,
     record: Vec<u8>,
     answer: Option<Vec<u8>>,
 }
@@ -324,11 +323,7 @@ fn encode(op: &WriteOp) -> Result<Encoded<'_>, StorageError> {
         WriteOp::Update(r) => (serde_json::to_vec(r).map_err(backend)?, None),
         WriteOp::State(_, value) => (value.clone(), None),
     };
-    Ok(Encoded {
-        op: std::borrow::Cow::Borrowed(op),
-        record,
-        answer,
-    })
+    Ok(Encoded { op, record, answer })
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -341,7 +336,7 @@ impl Encoded<'_> {
     /// Idempotency-Key (tag 3), `tag 4 | key | value` for a state write; each part
     /// length-prefixed.
     fn write_payload(&self, out: &mut Vec<u8>) {
-        match self.op.as_ref() {
+        match self.op {
             WriteOp::Insert(_, None) => {
                 out.push(1);
                 put_bytes(out, &self.record);
@@ -439,7 +434,7 @@ fn apply(
         let mut pending = txn.open_table(PENDING).map_err(backend)?;
         let mut state = txn.open_table(STATE).map_err(backend)?;
         for write in writes {
-            match write.op.as_ref() {
+            match write.op {
                 WriteOp::Insert(r, idempotency) => {
                     // A replayed insert may find a newer version of its lead: its pending
                     // entry goes, as the later update it is followed by puts it back.
