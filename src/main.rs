@@ -10,6 +10,7 @@ use leadex::{demo, telemetry};
 
 // mimalloc: less CPU per allocation than glibc's malloc and memory given back after bursts
 // (BENCHMARKS.md). The baseline uses it too, so the ratio compares like with like.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,13 +1,12 @@
 //! One actor per buyer: owns the buyer's pooled keep-alive HTTP client, caps its requests in
 //! flight, and reports every ping and post outcome. Protocol decisions live in `buyers/`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Actor, Context, Handler, ResponseFuture};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
 use metrics::{counter, gauge, histogram};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
@@ -237,10 +236,22 @@ struct H2c {
     ping_uri: Option<http::Uri>,
     post_uri: http::Uri,
     headers: HeaderMap,
-    sender: Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>,
+    conn: Mutex<Option<H2Conn>>,
     /// One dial at a time; requests arriving meanwhile wait for it and share it.
     dialing: tokio::sync::Mutex<()>,
 }
+
+/// A live h2c connection: the handle that opens streams on it, and whether its task ended.
+#[derive(Clone)]
+struct H2Conn {
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// A keep-alive PING goes out after this long, and the connection is dropped when its PONG
+/// does not come back within `H2_KEEPALIVE_TIMEOUT`.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl H2c {
     fn new(
@@ -271,24 +282,31 @@ impl H2c {
             ping_uri: ping_url.map(uri).transpose()?,
             post_uri: uri(post_url)?,
             headers,
-            sender: Mutex::new(None),
+            conn: Mutex::new(None),
             dialing: tokio::sync::Mutex::new(()),
         })
     }
 
+    fn live(&self) -> Option<h2::client::SendRequest<Bytes>> {
+        let conn = self.conn.lock().expect("h2c connection");
+        conn.as_ref()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .map(|c| c.sender.clone())
+    }
+
     /// The live connection's sender, dialling (once, for every waiting request) when there
     /// is none or it closed.
-    async fn sender(
-        &self,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, CallError> {
-        let live = |slot: &Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>| {
-            slot.as_ref().filter(|s| !s.is_closed()).cloned()
-        };
-        if let Some(sender) = live(&self.sender.lock().expect("h2c sender")) {
-            return Ok(sender);
+    async fn sender(&self) -> Result<h2::client::SendRequest<Bytes>, CallError> {
+        match self.live() {
+            Some(sender) => Ok(sender),
+            // Boxed: the dial's state is needed once per connection, not in every request.
+            None => Box::pin(self.dial()).await,
         }
+    }
+
+    async fn dial(&self) -> Result<h2::client::SendRequest<Bytes>, CallError> {
         let _dialing = self.dialing.lock().await;
-        if let Some(sender) = live(&self.sender.lock().expect("h2c sender")) {
+        if let Some(sender) = self.live() {
             return Ok(sender);
         }
         let stream = tokio::time::timeout(
@@ -299,44 +317,90 @@ impl H2c {
         .map_err(|_| CallError::Timeout)?
         .map_err(|_| CallError::Transport)?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(30))
-                .handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|_| CallError::Transport)?;
+        let (sender, mut connection) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            h2::client::Builder::new().handshake::<_, Bytes>(stream),
+        )
+        .await
+        .map_err(|_| CallError::Timeout)?
+        .map_err(|_| CallError::Transport)?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         let authority = self.authority.clone();
+        let mut ping_pong = connection.ping_pong();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%authority, error = %e, "h2c connection to buyer ended");
+            let keepalive = async {
+                let Some(ping_pong) = ping_pong.as_mut() else {
+                    return std::future::pending().await;
+                };
+                loop {
+                    tokio::time::sleep(H2_KEEPALIVE).await;
+                    let pong = tokio::time::timeout(
+                        H2_KEEPALIVE_TIMEOUT,
+                        ping_pong.ping(h2::Ping::opaque()),
+                    )
+                    .await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%authority, error = %e, "h2c connection to buyer ended");
+                    }
+                }
+                () = keepalive => {
+                    tracing::debug!(%authority, "h2c connection to buyer dropped: no answer to a keep-alive ping");
+                }
             }
+            ended.store(true, Ordering::Release);
         });
-        *self.sender.lock().expect("h2c sender") = Some(sender.clone());
+        *self.conn.lock().expect("h2c connection") = Some(H2Conn {
+            sender: sender.clone(),
+            closed,
+        });
         Ok(sender)
     }
 
+    /// One request as a stream of the shared connection: headers, the body as one DATA
+    /// frame, then the reply read with its flow-control capacity given back as it arrives.
+    /// Dropping the future (the deadline) resets the stream.
     async fn call(&self, uri: &http::Uri, body: Bytes) -> Result<(u16, Bytes), CallError> {
-        let mut sender = self.sender().await?;
-        let mut request = http::Request::post(uri.clone())
-            .version(http::Version::HTTP_2)
-            .body(Full::new(body))
+        let sender = self.sender().await?;
+        let mut sender = sender.ready().await.map_err(|_| CallError::Transport)?;
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri.clone();
+        *request.version_mut() = http::Version::HTTP_2;
+        *request.headers_mut() = self.headers.clone();
+        let end_of_stream = body.is_empty();
+        let (response, mut stream) = sender
+            .send_request(request, end_of_stream)
             .map_err(|_| CallError::Transport)?;
-        request.headers_mut().extend(self.headers.clone());
-        sender.ready().await.map_err(|_| CallError::Transport)?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|_| CallError::Transport)?;
-        let status = response.status().as_u16();
-        match Limited::new(response.into_body(), MAX_REPLY_BYTES)
-            .collect()
-            .await
-        {
-            Ok(body) => Ok((status, body.to_bytes())),
-            Err(e) if e.is::<LengthLimitError>() => Err(CallError::TooLarge),
-            Err(_) => Err(CallError::Transport),
+        if !end_of_stream {
+            stream
+                .send_data(body, true)
+                .map_err(|_| CallError::Transport)?;
         }
+        let response = response.await.map_err(|_| CallError::Transport)?;
+        let status = response.status().as_u16();
+        let mut recv = response.into_body();
+        let mut reply = BytesMut::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(|_| CallError::Transport)?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if reply.len() + chunk.len() > MAX_REPLY_BYTES {
+                return Err(CallError::TooLarge);
+            }
+            if reply.is_empty() && recv.is_end_stream() {
+                // The usual reply: one DATA frame, kept without a copy.
+                return Ok((status, chunk));
+            }
+            reply.extend_from_slice(&chunk);
+        }
+        Ok((status, reply.freeze()))
     }
 }
 
@@ -373,37 +437,18 @@ impl Inner {
         }
         self.metrics.in_flight.increment(1.0);
         let request = async {
-            let client = match &self.transport {
-                Transport::Pooled(client) => client,
+            match &self.transport {
+                // Boxed: reqwest's request future is larger than an h2c stream's, and the
+                // HTTP/2 path should not carry its size in every ping.
+                Transport::Pooled(client) => Box::pin(pooled_call(client, url, body)).await,
                 Transport::H2c(h2c) => {
                     let uri = match endpoint {
                         Endpoint::Ping => h2c.ping_uri.as_ref().unwrap_or(&h2c.post_uri),
                         Endpoint::Post => &h2c.post_uri,
                     };
-                    return h2c.call(uri, body).await;
+                    h2c.call(uri, body).await
                 }
-            };
-            let mut response = client
-                .post(url.clone())
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| {
-                    if e.is_timeout() {
-                        CallError::Timeout
-                    } else {
-                        CallError::Transport
-                    }
-                })?;
-            let status = response.status().as_u16();
-            let mut reply = Vec::new();
-            while let Some(chunk) = response.chunk().await.map_err(|_| CallError::Transport)? {
-                if reply.len() + chunk.len() > MAX_REPLY_BYTES {
-                    return Err(CallError::TooLarge);
-                }
-                reply.extend_from_slice(&chunk);
             }
-            Ok((status, Bytes::from(reply)))
         };
         let result = match tokio::time::timeout_at(deadline, request).await {
             Ok(result) => result,
@@ -413,6 +458,35 @@ impl Inner {
         self.metrics.in_flight.decrement(1.0);
         result
     }
+}
+
+/// One request through the pooled client, its reply read up to `MAX_REPLY_BYTES`.
+async fn pooled_call(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    body: Bytes,
+) -> Result<(u16, Bytes), CallError> {
+    let mut response = client
+        .post(url.clone())
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            if e.is_timeout() {
+                CallError::Timeout
+            } else {
+                CallError::Transport
+            }
+        })?;
+    let status = response.status().as_u16();
+    let mut reply = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|_| CallError::Transport)? {
+        if reply.len() + chunk.len() > MAX_REPLY_BYTES {
+            return Err(CallError::TooLarge);
+        }
+        reply.extend_from_slice(&chunk);
+    }
+    Ok((status, Bytes::from(reply)))
 }
 
 impl Handler<Ping> for BuyerActor {
