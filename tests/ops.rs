@@ -1358,13 +1358,13 @@ async fn debug_json_logs_carry_request_and_lead_ids_and_no_personal_field() {
         let request_id = span_field(line, "request", "request_id");
         assert!(request_id.is_some_and(|id| id.len() == 26), "{line}");
     }
-    // Every line of an auction names its lead and, the auction running inside the request,
-    // the same request id as the request's "lead accepted" line.
+    // Every line of an auction names its lead and campaign in the request's span (recorded
+    // when the auction starts), beside the same request id as the request's "lead accepted"
+    // line.
     for lead_id in &lead_ids {
         let auction: Vec<&Value> = lines
             .iter()
-            .filter(|l| spans(l).iter().any(|s| s["name"] == "auction"))
-            .filter(|l| span_field(l, "auction", "lead_id").as_deref() == Some(lead_id.as_str()))
+            .filter(|l| span_field(l, "request", "lead_id").as_deref() == Some(lead_id.as_str()))
             .collect();
         assert!(
             auction.iter().any(|l| l["message"] == "auction done"),
@@ -1389,11 +1389,9 @@ async fn debug_json_logs_carry_request_and_lead_ids_and_no_personal_field() {
             );
         }
     }
-    for line in lines
-        .iter()
-        .filter(|l| spans(l).iter().any(|s| s["name"] == "auction"))
-    {
-        assert!(span_field(line, "auction", "lead_id").is_some(), "{line}");
+    for line in lines.iter().filter(|l| l["message"] == "auction done") {
+        assert!(span_field(line, "request", "lead_id").is_some(), "{line}");
+        assert!(span_field(line, "request", "campaign").is_some(), "{line}");
         assert!(
             span_field(line, "request", "request_id").is_some(),
             "{line}"

@@ -134,6 +134,10 @@ struct BuyerMetrics {
     in_flight: metrics::Gauge,
     ping_duration: metrics::Histogram,
     post_duration: metrics::Histogram,
+    /// The outcomes of almost every request; the others are looked up when they happen.
+    pings_bid: metrics::Counter,
+    posts_accepted: metrics::Counter,
+    post_value: metrics::Counter,
 }
 
 impl BuyerMetrics {
@@ -142,6 +146,9 @@ impl BuyerMetrics {
             in_flight: gauge!(telemetry::BUYER_IN_FLIGHT, "buyer" => id.to_owned()),
             ping_duration: histogram!(telemetry::BUYER_PING_DURATION, "buyer" => id.to_owned()),
             post_duration: histogram!(telemetry::BUYER_POST_DURATION, "buyer" => id.to_owned()),
+            pings_bid: counter!(telemetry::BUYER_PINGS_TOTAL, "buyer" => id.to_owned(), "outcome" => "bid"),
+            posts_accepted: counter!(telemetry::BUYER_POSTS_TOTAL, "buyer" => id.to_owned(), "outcome" => "accepted"),
+            post_value: counter!(telemetry::BUYER_POST_VALUE, "buyer" => id.to_owned()),
         }
     }
 }
@@ -516,11 +523,10 @@ impl Handler<Ping> for BuyerActor {
             {
                 inner.health.record(healthy);
             }
-            let outcome = match &reply {
-                PingReply::Bid { .. } => "bid",
-                PingReply::NoBid(why) => why.as_str(),
-            };
-            counter!(telemetry::BUYER_PINGS_TOTAL, "buyer" => inner.id.clone(), "outcome" => outcome).increment(1);
+            match &reply {
+                PingReply::Bid { .. } => inner.metrics.pings_bid.increment(1),
+                PingReply::NoBid(why) => counter!(telemetry::BUYER_PINGS_TOTAL, "buyer" => inner.id.clone(), "outcome" => why.as_str()).increment(1),
+            }
             inner.metrics.ping_duration.record(latency.as_secs_f64());
             PingResult {
                 reply,
@@ -552,15 +558,16 @@ impl Handler<Post> for BuyerActor {
             if let Some(healthy) = post_health(&reply) {
                 inner.health.record(healthy);
             }
-            let outcome = match &reply {
+            match &reply {
                 PostReply::Accepted => {
-                    counter!(telemetry::BUYER_POST_VALUE, "buyer" => inner.id.clone())
+                    inner.metrics.posts_accepted.increment(1);
+                    inner
+                        .metrics
+                        .post_value
                         .increment(msg.price_cents.max(0) as u64);
-                    "accepted"
                 }
-                PostReply::Refused(why, _) => why.as_str(),
-            };
-            counter!(telemetry::BUYER_POSTS_TOTAL, "buyer" => inner.id.clone(), "outcome" => outcome).increment(1);
+                PostReply::Refused(why, _) => counter!(telemetry::BUYER_POSTS_TOTAL, "buyer" => inner.id.clone(), "outcome" => why.as_str()).increment(1),
+            }
             inner.metrics.post_duration.record(latency.as_secs_f64());
             PostResult { reply, latency }
         })

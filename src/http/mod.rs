@@ -202,6 +202,34 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
+/// A route's request duration histogram and request counter for one status.
+type HttpSeries = (metrics::Histogram, metrics::Counter);
+
+thread_local! {
+    /// Each worker's handles on the request series it has seen, by route pattern and status.
+    static HTTP_SERIES: std::cell::RefCell<HashMap<(Option<String>, u16), HttpSeries>> =
+        std::cell::RefCell::default();
+}
+
+/// The request duration histogram and request counter of `route` (a pattern; `unmatched`
+/// when none matched) and `status`, looked up once per worker.
+fn http_series(route: Option<String>, status: u16) -> HttpSeries {
+    HTTP_SERIES.with(|series| {
+        series
+            .borrow_mut()
+            .entry((route, status))
+            .or_insert_with_key(|(route, status)| {
+                let route = route.clone().unwrap_or_else(|| "unmatched".to_owned());
+                let status = status.to_string();
+                (
+                    histogram!(telemetry::HTTP_REQUEST_DURATION, "route" => route.clone(), "status" => status.clone()),
+                    counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status),
+                )
+            })
+            .clone()
+    })
+}
+
 /// Builds the actix-web app with its middleware around `configure`.
 pub fn app(
     state: web::Data<AppState>,
@@ -223,7 +251,14 @@ pub fn app(
         .wrap_fn(|req, srv| {
             let request_id = request_id_from(&req);
             req.extensions_mut().insert(RequestId(request_id.clone()));
-            let span = tracing::info_span!("request", request_id = %request_id, method = %req.method(), path = %req.path());
+            let span = tracing::info_span!(
+                "request",
+                request_id = %request_id,
+                method = %req.method(),
+                path = %req.path(),
+                lead_id = tracing::field::Empty,
+                campaign = tracing::field::Empty,
+            );
             let started = Instant::now();
             let call = {
                 let _entered = span.enter();
@@ -234,12 +269,13 @@ pub fn app(
                 if let Ok(value) = HeaderValue::from_str(&request_id) {
                     res.headers_mut().insert(REQUEST_ID, value);
                 }
-                let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
-                let status = res.status().as_u16().to_string();
+                let route = res.request().match_pattern();
+                let status = res.status().as_u16();
                 let elapsed = started.elapsed().as_secs_f64();
-                histogram!(telemetry::HTTP_REQUEST_DURATION, "route" => route.clone(), "status" => status.clone()).record(elapsed);
-                counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status.clone()).increment(1);
-                tracing::debug!(status = %status, elapsed_ms = elapsed * 1000.0, "answered");
+                let (duration, total) = http_series(route, status);
+                duration.record(elapsed);
+                total.increment(1);
+                tracing::debug!(status, elapsed_ms = elapsed * 1000.0, "answered");
                 Ok(res)
             }
             .instrument(span)

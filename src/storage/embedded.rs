@@ -195,7 +195,7 @@ fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
         );
     }
     let encoded = ops.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
-    apply(db, &encoded, Some(epoch + 1), Durability::Immediate)?;
+    apply(db, &encoded, Some(epoch + 1), Durability::Immediate, true)?;
     log.restart(epoch + 1);
     Ok(log)
 }
@@ -289,17 +289,17 @@ fn commit_group(
     }
     if !log.fits(framed.len()) {
         // Larger than the whole log: straight to redb, durably.
-        return apply(db, &encoded, None, Durability::Immediate);
+        return apply(db, &encoded, None, Durability::Immediate, false);
     }
     log.append_durably(framed)
         .map_err(|e| StorageError::Backend(format!("write-ahead log: {e}")))?;
-    apply(db, &encoded, None, Durability::None)
+    apply(db, &encoded, None, Durability::None, false)
 }
 
 /// A durable redb commit of everything applied so far; the log then starts a new epoch.
 fn checkpoint(db: &Database, log: &mut wal::Wal) -> Result<(), StorageError> {
     let next = log.epoch() + 1;
-    apply(db, &[], Some(next), Durability::Immediate)?;
+    apply(db, &[], Some(next), Durability::Immediate, false)?;
     log.restart(next);
     Ok(())
 }
@@ -418,12 +418,14 @@ fn replace_lead(
 }
 
 /// Applies writes to redb in one transaction (and the log epoch, at a checkpoint). Applying
-/// a write again, as a replay may, gives the same tables.
+/// a write again, as a replay (`replay`) may, gives the same tables; outside a replay an
+/// insert is a new lead id, with no earlier version to look up.
 fn apply(
     db: &Database,
     writes: &[Encoded<'_>],
     epoch: Option<u64>,
     durability: Durability,
+    replay: bool,
 ) -> Result<(), StorageError> {
     let mut txn = db.begin_write().map_err(backend)?;
     txn.set_durability(durability).map_err(backend)?;
@@ -436,9 +438,15 @@ fn apply(
         for write in writes {
             match write.op {
                 WriteOp::Insert(r, idempotency) => {
-                    // A replayed insert may find a newer version of its lead: its pending
-                    // entry goes, as the later update it is followed by puts it back.
-                    replace_lead(&mut leads, &mut pending, r, &write.record)?;
+                    if replay {
+                        // A replayed insert may find a newer version of its lead: its pending
+                        // entry goes, as the later update it is followed by puts it back.
+                        replace_lead(&mut leads, &mut pending, r, &write.record)?;
+                    } else {
+                        leads
+                            .insert(r.lead_id.as_str(), write.record.as_slice())
+                            .map_err(backend)?;
+                    }
                     let key = day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id);
                     by_day.insert(key.as_str(), ()).map_err(backend)?;
                     if let Some(due) = r.next_retry_ms {
@@ -683,7 +691,7 @@ mod tests {
             txn.open_table(PENDING).unwrap();
             txn.commit().unwrap();
             let encoded: Vec<_> = ops.iter().map(|op| encode(op).unwrap()).collect();
-            apply(&db, &encoded, Some(0), Durability::Immediate).unwrap();
+            apply(&db, &encoded, Some(0), Durability::Immediate, true).unwrap();
         }
         log_with(dir.path(), 0, &ops);
         let store = EmbeddedStore::open(dir.path(), 64).unwrap();
