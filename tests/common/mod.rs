@@ -26,14 +26,35 @@ pub struct TestApp {
     running: Option<actix_rt::task::JoinHandle<std::io::Result<()>>>,
 }
 
-/// A fresh temporary data folder kept for the test's life (removed by the OS tmp cleaner;
-/// tests that restart reuse it).
+/// Folders made by `data_dir`, removed when the test process exits: a test that restarts
+/// the exchange reuses its folder, so no one value owns it, and each holds a write-ahead log
+/// of several MiB, too much to leave behind.
+static DATA_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn remove_data_dirs() {
+    if let Ok(dirs) = DATA_DIRS.lock() {
+        for dir in dirs.iter() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A fresh temporary data folder kept for the test's life (tests that restart reuse it).
 pub fn data_dir() -> PathBuf {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain function with no arguments to run at process exit.
+        unsafe {
+            libc::atexit(remove_data_dirs);
+        }
+    });
     let dir = tempfile::Builder::new()
         .prefix("leadex-test-")
         .tempdir()
-        .expect("tempdir");
-    dir.keep()
+        .expect("tempdir")
+        .keep();
+    DATA_DIRS.lock().expect("data dirs").push(dir.clone());
+    dir
 }
 
 /// A buyer simulator bidding `bid` (`"12.50"`, `"10-20"`, `"none"`) after `latency_ms`.
