@@ -125,6 +125,7 @@ listen = "127.0.0.1:$LEADEX_PORT"
 backend = "embedded"
 path = "$data_dir"
 checkpoint_ms = ${CHECKPOINT_MS:-1000}
+apply_ms = ${APPLY_MS:-20}
 
 [rate_limit]
 requests = 100000000

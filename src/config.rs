@@ -111,6 +111,10 @@ pub struct StorageConfig {
     /// `embedded`: memory for redb's page cache (recently written and read leads).
     #[serde(default = "default_cache_mib")]
     pub cache_mib: usize,
+    /// `embedded`: longest time a logged write waits before it is applied to redb (in batches,
+    /// off the answer path); until then reads find it in memory.
+    #[serde(default = "default_apply_ms")]
+    pub apply_ms: u64,
     /// `scylla`: contact points, `host:port`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -164,6 +168,7 @@ impl Default for StorageConfig {
             group_commit_max: default_group_commit(),
             checkpoint_ms: default_checkpoint_ms(),
             cache_mib: default_cache_mib(),
+            apply_ms: default_apply_ms(),
             nodes: Vec::new(),
             keyspace: default_keyspace(),
             replication_factor: None,
@@ -575,6 +580,10 @@ fn default_checkpoint_ms() -> u64 {
 
 fn default_cache_mib() -> usize {
     64
+}
+
+fn default_apply_ms() -> u64 {
+    20
 }
 
 fn default_group_commit() -> usize {

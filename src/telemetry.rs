@@ -24,6 +24,8 @@ pub const HTTP_REQUESTS_TOTAL: &str = "leadex_http_requests_total";
 pub const STORAGE_WRITE_DURATION: &str = "leadex_storage_write_duration_seconds";
 pub const STORAGE_ERRORS_TOTAL: &str = "leadex_storage_errors_total";
 pub const STORAGE_BATCH_SIZE: &str = "leadex_storage_batch_size";
+pub const STORAGE_APPLY_DURATION: &str = "leadex_storage_apply_duration_seconds";
+pub const STORAGE_UNAPPLIED: &str = "leadex_storage_unapplied_writes";
 pub const STORAGE_SPILLED_TOTAL: &str = "leadex_storage_spilled_total";
 pub const STORAGE_SPILL_REPLAYED_TOTAL: &str = "leadex_storage_spill_replayed_total";
 pub const STORAGE_SPILL_DROPPED_TOTAL: &str = "leadex_storage_spill_dropped_total";
@@ -139,6 +141,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full(STORAGE_APPLY_DURATION.into()),
+                        &FAST_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Full(RATE_LIMIT_CHECK_DURATION.into()),
                         &FAST_BUCKETS,
                     )
@@ -220,6 +228,15 @@ fn describe() {
     describe_histogram!(
         STORAGE_BATCH_SIZE,
         "Writes committed together by one group commit."
+    );
+    describe_histogram!(
+        STORAGE_APPLY_DURATION,
+        Unit::Seconds,
+        "Embedded store: time of one batch of logged writes applied to its tables."
+    );
+    describe_gauge!(
+        STORAGE_UNAPPLIED,
+        "Embedded store: logged writes not yet applied to its tables (read from memory)."
     );
     describe_counter!(
         STORAGE_SPILLED_TOTAL,

@@ -205,6 +205,25 @@ impl Backend for Embedded {
     }
 }
 
+/// The embedded store with its batches applied only at a checkpoint (close): every read before
+/// the close is served from the in-memory overlay of logged writes, over what redb held at open.
+struct EmbeddedUnapplied {
+    dir: PathBuf,
+}
+
+#[async_trait]
+impl Backend for EmbeddedUnapplied {
+    async fn open(&self) -> Arc<dyn LeadStore> {
+        let options = leadex::storage::embedded::Options {
+            group_commit_max: 64,
+            checkpoint_every: Duration::from_secs(3600),
+            apply_every: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        Arc::new(EmbeddedStore::open_with(&self.dir, options).expect("embedded store opens"))
+    }
+}
+
 /// `[storage]` for backend `scylla` on `nodes`.
 fn scylla_storage(nodes: Vec<String>, keyspace: &str, data: &Path) -> StorageConfig {
     StorageConfig {
@@ -717,6 +736,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     super::cases::$case(&super::Embedded::new()).await;
+                }
+            )*
+        }
+        mod embedded_unapplied_backend {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::cases::$case(&super::EmbeddedUnapplied { dir: super::data_dir() }).await;
                 }
             )*
         }

@@ -1,14 +1,24 @@
 //! The single-node store: redb (pure-Rust, copy-on-write B-trees, checksummed commits) behind
 //! a write-ahead log. A dedicated writer thread takes every queued write as one group (group
-//! commit): the group is appended to the log and synced (one `fdatasync` of a few KiB), then
-//! applied to redb with a non-durable commit that readers see at once, and only then are the
-//! writers answered. About once a second, and at close, a durable redb commit (checkpoint)
-//! makes the log redundant and it starts again; at open, what the log holds beyond the last
-//! checkpoint is applied again (`wal.rs`).
+//! commit): the group is appended to the log and synced (one `fdatasync` of a few KiB), put in
+//! an in-memory overlay that readers consult before redb, and only then are the writers
+//! answered. An applier thread applies logged writes to redb in batches (every `apply_every`,
+//! or sooner when many are queued) with a non-durable commit, and drops them from the overlay
+//! once committed. About once a second, and at close, a durable redb commit (checkpoint) of
+//! everything logged makes the log redundant and it starts again; at open, what the log holds
+//! beyond the last checkpoint is applied again (`wal.rs`).
+//!
+//! A reader sees every answered write: a write enters the overlay before its writer is
+//! answered and leaves it only after the redb commit that holds it, so a point read looks in
+//! the overlay first and then in redb. A range read (pending queue, supplier's day) takes its
+//! keys from both while holding the overlay's read lock, which freezes the overlay, so redb
+//! can hold nothing the overlay does not also cover; a lead found in the overlay is taken from
+//! there, its older index entries in redb are left out.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -42,7 +52,14 @@ const WAL_CAPACITY: u64 = 8 << 20;
 const CACHE_BYTES: usize = 64 << 20;
 /// Default longest time between checkpoints while writes come in (and after the last).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Default longest time a logged write waits to be applied to redb.
+const APPLY_EVERY: Duration = Duration::from_millis(20);
+/// Logged writes that start an apply without waiting for `apply_every`.
+const APPLY_MAX: usize = 1024;
+/// Groups the writer may hand the applier ahead of it before it waits (bounds the overlay).
+const APPLY_QUEUE: usize = 256;
 
+#[derive(Clone)]
 enum WriteOp {
     Insert(LeadRecord, Option<(String, IdempotentAnswer)>),
     Update(LeadRecord),
@@ -59,14 +76,117 @@ enum Job {
     Close(oneshot::Sender<()>),
 }
 
+/// What the writer hands the applier, in log order.
+enum Apply {
+    /// Writes durable in the log and present in the overlay, through sequence number `seq`.
+    Logged { writes: Vec<Arc<Encoded>>, seq: u64 },
+    /// Apply everything queued plus `writes` (a group the log cannot hold, in no overlay) in
+    /// one durable commit, storing `epoch` as the log's epoch when given; answer on `done`.
+    Durable {
+        writes: Vec<Arc<Encoded>>,
+        seq: u64,
+        epoch: Option<u64>,
+        done: std_mpsc::SyncSender<Result<(), StorageError>>,
+    },
+}
+
+/// Logged writes not yet committed to redb, as readers need them. Each entry carries the
+/// sequence number of the write that set it; the applier drops entries once redb holds them.
+#[derive(Default)]
+struct Overlay {
+    /// The newest version of each lead.
+    leads: HashMap<String, (u64, Arc<Encoded>)>,
+    /// Idempotency key (`idem_key`) to the insert that stored its answer.
+    idempotency: HashMap<String, (u64, Arc<Encoded>)>,
+    state: HashMap<String, (u64, Arc<Encoded>)>,
+    /// Supplier-by-day index keys added.
+    by_day: BTreeMap<String, u64>,
+    /// Pending-queue keys added; a key is current only while its lead's newest version
+    /// (`leads`) is due at that time.
+    pending: BTreeMap<String, u64>,
+}
+
+impl Overlay {
+    fn add(&mut self, seq: u64, write: &Arc<Encoded>) {
+        match &write.op {
+            WriteOp::Insert(r, _) | WriteOp::Update(r) => {
+                self.leads
+                    .insert(r.lead_id.clone(), (seq, Arc::clone(write)));
+            }
+            WriteOp::State(key, _) => {
+                self.state.insert(key.clone(), (seq, Arc::clone(write)));
+            }
+        }
+        if let Some(key) = &write.day {
+            self.by_day.insert(key.clone(), seq);
+        }
+        if let Some(key) = &write.queue {
+            self.pending.insert(key.clone(), seq);
+        }
+        if let Some(key) = &write.idem {
+            self.idempotency
+                .insert(key.clone(), (seq, Arc::clone(write)));
+        }
+    }
+
+    /// Drops what redb now holds: entries set by writes up to `seq`.
+    fn applied(&mut self, seq: u64) {
+        self.leads.retain(|_, (s, _)| *s > seq);
+        self.idempotency.retain(|_, (s, _)| *s > seq);
+        self.state.retain(|_, (s, _)| *s > seq);
+        self.by_day.retain(|_, s| *s > seq);
+        self.pending.retain(|_, s| *s > seq);
+    }
+
+    fn lead(&self, lead_id: &str) -> Option<&LeadRecord> {
+        match &self.leads.get(lead_id)?.1.op {
+            WriteOp::Insert(r, _) | WriteOp::Update(r) => Some(r),
+            WriteOp::State(..) => None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.leads.len() + self.state.len()
+    }
+}
+
 pub struct EmbeddedStore {
     /// `None` once closed, so the file lock is released for the next opener.
-    db: std::sync::RwLock<Option<Arc<Database>>>,
+    db: RwLock<Option<Arc<Database>>>,
     writer: std::sync::Mutex<Option<std_mpsc::Sender<Job>>>,
+    overlay: Arc<RwLock<Overlay>>,
+}
+
+/// Tuning of the embedded store (`[storage]` of the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Most writes sharing one log append and sync.
+    pub group_commit_max: usize,
+    /// Longest time between checkpoints while writes come in.
+    pub checkpoint_every: Duration,
+    /// redb's page cache.
+    pub cache_bytes: usize,
+    /// Longest time a logged write waits before it is applied to redb.
+    pub apply_every: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            group_commit_max: 512,
+            checkpoint_every: CHECKPOINT_EVERY,
+            cache_bytes: CACHE_BYTES,
+            apply_every: APPLY_EVERY,
+        }
+    }
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StorageError {
     StorageError::Backend(e.to_string())
+}
+
+fn corrupt<E: std::fmt::Display>(e: E) -> StorageError {
+    StorageError::Corrupt(e.to_string())
 }
 
 fn day_key(supplier: &str, day: i64, lead_id: &str) -> String {
@@ -81,23 +201,29 @@ fn idem_key(supplier: &str, key: &str) -> String {
     format!("{supplier}{SEP}{key}")
 }
 
+/// The lead id at the end of an index key.
+fn lead_of(key: &str) -> &str {
+    key.rsplit(SEP).next().unwrap_or_default()
+}
+
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`, and starts its writer thread.
+    /// Opens (or creates) the store in `dir`, and starts its writer and applier threads.
     pub fn open(dir: &Path, group_commit_max: usize) -> Result<EmbeddedStore, StorageError> {
-        EmbeddedStore::open_with(dir, group_commit_max, CHECKPOINT_EVERY, CACHE_BYTES)
+        EmbeddedStore::open_with(
+            dir,
+            Options {
+                group_commit_max,
+                ..Options::default()
+            },
+        )
     }
 
-    /// As `open`, with the longest time between checkpoints and redb's cache size.
-    pub fn open_with(
-        dir: &Path,
-        group_commit_max: usize,
-        checkpoint_every: Duration,
-        cache_bytes: usize,
-    ) -> Result<EmbeddedStore, StorageError> {
+    /// As `open`, with every setting.
+    pub fn open_with(dir: &Path, options: Options) -> Result<EmbeddedStore, StorageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
+            .set_cache_size(options.cache_bytes)
             .create(dir.join("leadex.redb"))
             .map_err(backend)?;
         {
@@ -111,29 +237,49 @@ impl EmbeddedStore {
         }
         let wal = recover(&db, &dir.join(WAL_FILE))?;
         let db = Arc::new(db);
+        let overlay = Arc::new(RwLock::new(Overlay::default()));
         let (tx, rx) = std_mpsc::channel();
-        let writer_db = db.clone();
-        let max = group_commit_max.max(1);
+        let (apply_tx, apply_rx) = std_mpsc::sync_channel(APPLY_QUEUE);
+        let applier = {
+            let db = db.clone();
+            let overlay = overlay.clone();
+            std::thread::Builder::new()
+                .name("leadex-store-applier".into())
+                .spawn(move || applier_loop(&db, &apply_rx, &overlay, options.apply_every))
+                .map_err(backend)?
+        };
+        let writer = Writer {
+            log: wal,
+            applier: apply_tx,
+            overlay: overlay.clone(),
+            seq: 0,
+            framed: Vec::new(),
+            last_checkpoint: Instant::now(),
+        };
+        let max = options.group_commit_max.max(1);
+        let checkpoint_every = options.checkpoint_every;
         std::thread::Builder::new()
             .name("leadex-store-writer".into())
             .spawn(move || {
-                let closing = writer_loop(&writer_db, wal, &rx, max, checkpoint_every);
-                // Release the database before telling `close` it is done.
-                drop(writer_db);
+                let closing = writer.run(&rx, max, checkpoint_every);
+                // Release the database (the applier holds it too) before telling `close`.
+                let _ = applier.join();
                 if let Some(done) = closing {
                     let _ = done.send(());
                 }
             })
             .map_err(backend)?;
         let store = EmbeddedStore {
-            db: std::sync::RwLock::new(Some(db)),
+            db: RwLock::new(Some(db)),
             writer: std::sync::Mutex::new(Some(tx)),
+            overlay,
         };
         store.sweep_idempotency(crate::clock::now_ms())?;
         Ok(store)
     }
 
-    /// Drops idempotency answers older than 24 h so the table stays bounded.
+    /// Drops idempotency answers older than 24 h so the table stays bounded (at open, before
+    /// any write, so the overlay is empty).
     fn sweep_idempotency(&self, now_ms: i64) -> Result<usize, StorageError> {
         let txn = self.db()?.begin_write().map_err(backend)?;
         let removed;
@@ -169,6 +315,10 @@ impl EmbeddedStore {
             .cloned()
             .ok_or(StorageError::Closed)
     }
+
+    fn overlay(&self) -> std::sync::RwLockReadGuard<'_, Overlay> {
+        self.overlay.read().expect("overlay lock")
+    }
 }
 
 /// Opens the log, applies what it holds beyond the last checkpoint, and checkpoints: the
@@ -184,146 +334,316 @@ fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
     };
     let (mut log, payloads) = wal::Wal::open(path, WAL_CAPACITY, epoch)
         .map_err(|e| StorageError::Backend(format!("write-ahead log {}: {e}", path.display())))?;
-    let ops = payloads
+    let encoded = payloads
         .iter()
-        .map(|p| decode(p))
+        .map(|p| decode(p).and_then(encode).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
-    if !ops.is_empty() {
+    if !encoded.is_empty() {
         tracing::info!(
-            writes = ops.len(),
+            writes = encoded.len(),
             "applying writes from the write-ahead log"
         );
     }
-    let encoded = ops.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
     apply(db, &encoded, Some(epoch + 1), Durability::Immediate, true)?;
     log.restart(epoch + 1);
     Ok(log)
 }
 
-/// Commits queued writes in groups until closed; returns the closer's waiter.
-fn writer_loop(
-    db: &Database,
-    mut log: wal::Wal,
-    rx: &std_mpsc::Receiver<Job>,
-    max: usize,
-    checkpoint_every: Duration,
-) -> Option<oneshot::Sender<()>> {
-    let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
-    let mut closing = None;
-    let mut framed = Vec::new();
-    let mut last_checkpoint = Instant::now();
-    while closing.is_none() {
-        let first = if log.is_empty() {
-            rx.recv()
-                .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
-        } else {
-            rx.recv_timeout(checkpoint_every.saturating_sub(last_checkpoint.elapsed()))
-        };
-        match first {
-            Ok(Job::Write(job)) => batch.push(job),
-            Ok(Job::Close(done)) => closing = Some(done),
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
-        }
-        while batch.len() < max && closing.is_none() {
-            match rx.try_recv() {
+/// The writer thread's state: the log, and the applier it feeds.
+struct Writer {
+    log: wal::Wal,
+    applier: std_mpsc::SyncSender<Apply>,
+    overlay: Arc<RwLock<Overlay>>,
+    /// Sequence number of the last write taken.
+    seq: u64,
+    framed: Vec<u8>,
+    last_checkpoint: Instant,
+}
+
+impl Writer {
+    /// Commits queued writes in groups until closed; returns the closer's waiter.
+    fn run(
+        mut self,
+        rx: &std_mpsc::Receiver<Job>,
+        max: usize,
+        checkpoint_every: Duration,
+    ) -> Option<oneshot::Sender<()>> {
+        let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
+        let mut closing = None;
+        while closing.is_none() {
+            let first = if self.log.is_empty() {
+                rx.recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(checkpoint_every.saturating_sub(self.last_checkpoint.elapsed()))
+            };
+            match first {
                 Ok(Job::Write(job)) => batch.push(job),
                 Ok(Job::Close(done)) => closing = Some(done),
-                Err(_) => break,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    // Every handle is gone without a close: still leave redb checkpointed.
+                    if !self.log.is_empty() {
+                        self.checkpoint_logged();
+                    }
+                    return None;
+                }
             }
-        }
-        if !batch.is_empty() {
-            let started = Instant::now();
-            let size = batch.len();
-            let result = commit_group(db, &mut log, &batch, &mut framed, &mut last_checkpoint);
-            metrics::histogram!(telemetry::STORAGE_WRITE_DURATION)
-                .record(started.elapsed().as_secs_f64());
-            metrics::histogram!(telemetry::STORAGE_BATCH_SIZE).record(size as f64);
-            if let Err(e) = &result {
-                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
-                tracing::error!(error = %e, batch = size, "storage commit failed");
+            while batch.len() < max && closing.is_none() {
+                match rx.try_recv() {
+                    Ok(Job::Write(job)) => batch.push(job),
+                    Ok(Job::Close(done)) => closing = Some(done),
+                    Err(_) => break,
+                }
             }
-            for job in batch.drain(..) {
-                let answer = match &result {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(StorageError::Backend(e.to_string())),
+            if !batch.is_empty() {
+                let started = Instant::now();
+                let size = batch.len();
+                let (ops, waiters): (Vec<WriteOp>, Vec<_>) =
+                    batch.drain(..).map(|job| (job.op, job.done)).unzip();
+                let (failed, logged) = match self.commit_group(ops) {
+                    Ok(logged) => (None, logged),
+                    Err(e) => (Some(e.to_string()), None),
                 };
-                let _ = job.done.send(answer);
+                metrics::histogram!(telemetry::STORAGE_WRITE_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(telemetry::STORAGE_BATCH_SIZE).record(size as f64);
+                if let Some(e) = &failed {
+                    metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                    tracing::error!(error = %e, batch = size, "storage commit failed");
+                }
+                for done in waiters {
+                    let answer = match &failed {
+                        None => Ok(()),
+                        Some(e) => Err(StorageError::Backend(e.clone())),
+                    };
+                    let _ = done.send(answer);
+                }
+                if let Some(writes) = logged {
+                    // After the answers: the applier's queue is bounded, and waiting on it
+                    // should hold up later groups, not this one.
+                    let _ = self.applier.send(Apply::Logged {
+                        writes,
+                        seq: self.seq,
+                    });
+                }
+            }
+            let due = self.last_checkpoint.elapsed() >= checkpoint_every || closing.is_some();
+            if due && !self.log.is_empty() {
+                self.checkpoint_logged();
             }
         }
-        let due = last_checkpoint.elapsed() >= checkpoint_every || closing.is_some();
-        if due && !log.is_empty() {
-            if let Err(e) = checkpoint(db, &mut log) {
-                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
-                tracing::error!(error = %e, "storage checkpoint failed; the log keeps the writes");
-            }
-            last_checkpoint = Instant::now();
-        }
+        closing
     }
-    closing
+
+    fn checkpoint_logged(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+            tracing::error!(error = %e, "storage checkpoint failed; the log keeps the writes");
+        }
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Makes one group durable (log append + sync) and visible (the overlay); returns the
+    /// writes for the applier. A group larger than the whole log is committed to redb durably
+    /// instead, and is applied when this returns (`None`).
+    fn commit_group(
+        &mut self,
+        ops: Vec<WriteOp>,
+    ) -> Result<Option<Vec<Arc<Encoded>>>, StorageError> {
+        let encoded = ops
+            .into_iter()
+            .map(|op| encode(op).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.framed.clear();
+        let mut payload = Vec::new();
+        for e in &encoded {
+            payload.clear();
+            e.write_payload(&mut payload);
+            self.log.frame(&payload, &mut self.framed);
+        }
+        if !self.log.fits(self.framed.len()) {
+            self.checkpoint()?;
+            self.last_checkpoint = Instant::now();
+        }
+        let first = self.seq + 1;
+        self.seq += encoded.len() as u64;
+        if !self.log.fits(self.framed.len()) {
+            // Larger than the whole log: straight to redb, durably.
+            self.durable(encoded, None)?;
+            return Ok(None);
+        }
+        self.log
+            .append_durably(&self.framed)
+            .map_err(|e| StorageError::Backend(format!("write-ahead log: {e}")))?;
+        let mut overlay = self.overlay.write().expect("overlay lock");
+        for (i, write) in encoded.iter().enumerate() {
+            overlay.add(first + i as u64, write);
+        }
+        Ok(Some(encoded))
+    }
+
+    /// Has the applier commit everything logged so far, plus `writes`, durably.
+    fn durable(
+        &mut self,
+        writes: Vec<Arc<Encoded>>,
+        epoch: Option<u64>,
+    ) -> Result<(), StorageError> {
+        let (done, wait) = std_mpsc::sync_channel(1);
+        self.applier
+            .send(Apply::Durable {
+                writes,
+                seq: self.seq,
+                epoch,
+                done,
+            })
+            .map_err(|_| StorageError::Closed)?;
+        wait.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    /// A durable redb commit of everything logged so far; the log then starts a new epoch.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
+        let next = self.log.epoch() + 1;
+        self.durable(Vec::new(), Some(next))?;
+        self.log.restart(next);
+        Ok(())
+    }
 }
 
-/// Makes one group durable (log append + sync, or a durable redb commit when the group is
-/// larger than the log) and visible (redb commit).
-fn commit_group(
+/// Applies logged writes to redb in batches until the writer goes away.
+fn applier_loop(
     db: &Database,
-    log: &mut wal::Wal,
-    batch: &[Box<WriteJob>],
-    framed: &mut Vec<u8>,
-    last_checkpoint: &mut Instant,
-) -> Result<(), StorageError> {
-    let encoded = batch
-        .iter()
-        .map(|job| encode(&job.op))
-        .collect::<Result<Vec<_>, _>>()?;
-    framed.clear();
-    let mut payload = Vec::new();
-    for e in &encoded {
-        payload.clear();
-        e.write_payload(&mut payload);
-        log.frame(&payload, framed);
+    rx: &std_mpsc::Receiver<Apply>,
+    overlay: &RwLock<Overlay>,
+    every: Duration,
+) {
+    let mut queued: Vec<Arc<Encoded>> = Vec::new();
+    let mut through = 0u64;
+    let mut since: Option<Instant> = None;
+    let flush = |queued: &mut Vec<Arc<Encoded>>,
+                 through: u64,
+                 epoch: Option<u64>,
+                 durability: Durability|
+     -> Result<(), StorageError> {
+        if queued.is_empty() && epoch.is_none() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        apply(db, queued, epoch, durability, false)?;
+        let left = {
+            let mut overlay = overlay.write().expect("overlay lock");
+            overlay.applied(through);
+            overlay.len()
+        };
+        metrics::histogram!(telemetry::STORAGE_APPLY_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!(telemetry::STORAGE_UNAPPLIED).set(left as f64);
+        queued.clear();
+        Ok(())
+    };
+    loop {
+        let next = match since {
+            None => rx
+                .recv()
+                .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_timeout(every.saturating_sub(at.elapsed())),
+        };
+        let result = match next {
+            Ok(Apply::Logged { writes, seq }) => {
+                queued.extend(writes);
+                through = seq;
+                since.get_or_insert_with(Instant::now);
+                if queued.len() < APPLY_MAX {
+                    continue;
+                }
+                flush(&mut queued, through, None, Durability::None)
+            }
+            Ok(Apply::Durable {
+                writes,
+                seq,
+                epoch,
+                done,
+            }) => {
+                let before = queued.len();
+                queued.extend(writes);
+                let result = flush(&mut queued, seq, epoch, Durability::Immediate);
+                match &result {
+                    Ok(()) => through = seq,
+                    // The writer answers those writes with the error; the logged ones stay.
+                    Err(_) => queued.truncate(before),
+                }
+                let answer = result
+                    .as_ref()
+                    .map_err(|e| StorageError::Backend(e.to_string()));
+                let _ = done.send(answer.map(|_| ()));
+                result
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                flush(&mut queued, through, None, Durability::None)
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(e) = flush(&mut queued, through, None, Durability::None) {
+                    tracing::error!(error = %e, "storage apply failed at close; the log keeps the writes");
+                }
+                return;
+            }
+        };
+        match result {
+            Ok(()) => since = None,
+            Err(e) => {
+                // Kept in the overlay and the log; tried again after `every`.
+                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                tracing::error!(error = %e, writes = queued.len(), "storage apply failed");
+                since = (!queued.is_empty()).then(Instant::now);
+            }
+        }
     }
-    if !log.fits(framed.len()) {
-        checkpoint(db, log)?;
-        *last_checkpoint = Instant::now();
-    }
-    if !log.fits(framed.len()) {
-        // Larger than the whole log: straight to redb, durably.
-        return apply(db, &encoded, None, Durability::Immediate, false);
-    }
-    log.append_durably(framed)
-        .map_err(|e| StorageError::Backend(format!("write-ahead log: {e}")))?;
-    apply(db, &encoded, None, Durability::None, false)
 }
 
-/// A durable redb commit of everything applied so far; the log then starts a new epoch.
-fn checkpoint(db: &Database, log: &mut wal::Wal) -> Result<(), StorageError> {
-    let next = log.epoch() + 1;
-    apply(db, &[], Some(next), Durability::Immediate, false)?;
-    log.restart(next);
-    Ok(())
-}
-
-/// A write with its record already encoded once, for the log and for the table.
-struct Encoded<'a> {
-    op: &'a WriteOp,
+/// A write with its record and index keys encoded once, for the log, the tables and the
+/// overlay.
+struct Encoded {
+    op: WriteOp,
     record: Vec<u8>,
     answer: Option<Vec<u8>>,
+    /// Supplier-by-day key (inserts).
+    day: Option<String>,
+    /// Pending-queue key (a lead due for another auction).
+    queue: Option<String>,
+    /// Idempotency key (an insert that carries one).
+    idem: Option<String>,
 }
 
-fn encode(op: &WriteOp) -> Result<Encoded<'_>, StorageError> {
-    let (record, answer) = match op {
-        WriteOp::Insert(r, idem) => (
-            serde_json::to_vec(r).map_err(backend)?,
-            idem.as_ref()
-                .map(|(_, a)| serde_json::to_vec(a))
-                .transpose()
-                .map_err(backend)?,
-        ),
-        WriteOp::Update(r) => (serde_json::to_vec(r).map_err(backend)?, None),
-        WriteOp::State(_, value) => (value.clone(), None),
+fn encode(op: WriteOp) -> Result<Encoded, StorageError> {
+    let (mut day, mut queue, mut idem, mut answer) = (None, None, None, None);
+    let record = match &op {
+        WriteOp::Insert(r, idempotency) => {
+            day = Some(day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id));
+            if let Some((key, a)) = idempotency {
+                idem = Some(idem_key(&r.supplier_id, key));
+                answer = Some(serde_json::to_vec(a).map_err(backend)?);
+            }
+            queue = r
+                .next_retry_ms
+                .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
+            serde_json::to_vec(r).map_err(backend)?
+        }
+        WriteOp::Update(r) => {
+            queue = r
+                .next_retry_ms
+                .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
+            serde_json::to_vec(r).map_err(backend)?
+        }
+        WriteOp::State(_, value) => value.clone(),
     };
-    Ok(Encoded { op, record, answer })
+    Ok(Encoded {
+        op,
+        record,
+        answer,
+        day,
+        queue,
+        idem,
+    })
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -331,12 +651,12 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-impl Encoded<'_> {
+impl Encoded {
     /// `tag | record` (1: insert, 2: update), `| key | answer` for an insert with an
     /// Idempotency-Key (tag 3), `tag 4 | key | value` for a state write; each part
     /// length-prefixed.
     fn write_payload(&self, out: &mut Vec<u8>) {
-        match self.op {
+        match &self.op {
             WriteOp::Insert(_, None) => {
                 out.push(1);
                 put_bytes(out, &self.record);
@@ -422,7 +742,7 @@ fn replace_lead(
 /// insert is a new lead id, with no earlier version to look up.
 fn apply(
     db: &Database,
-    writes: &[Encoded<'_>],
+    writes: &[Arc<Encoded>],
     epoch: Option<u64>,
     durability: Durability,
     replay: bool,
@@ -436,8 +756,8 @@ fn apply(
         let mut pending = txn.open_table(PENDING).map_err(backend)?;
         let mut state = txn.open_table(STATE).map_err(backend)?;
         for write in writes {
-            match write.op {
-                WriteOp::Insert(r, idempotency) => {
+            match &write.op {
+                WriteOp::Insert(r, _) => {
                     if replay {
                         // A replayed insert may find a newer version of its lead: its pending
                         // entry goes, as the later update it is followed by puts it back.
@@ -447,31 +767,25 @@ fn apply(
                             .insert(r.lead_id.as_str(), write.record.as_slice())
                             .map_err(backend)?;
                     }
-                    let key = day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id);
-                    by_day.insert(key.as_str(), ()).map_err(backend)?;
-                    if let Some(due) = r.next_retry_ms {
-                        pending
-                            .insert(pending_key(&r.campaign_id, due, &r.lead_id).as_str(), ())
-                            .map_err(backend)?;
-                    }
-                    if let (Some((key, _)), Some(answer)) = (idempotency, &write.answer) {
-                        idem.insert(idem_key(&r.supplier_id, key).as_str(), answer.as_slice())
-                            .map_err(backend)?;
-                    }
                 }
                 WriteOp::Update(r) => {
                     replace_lead(&mut leads, &mut pending, r, &write.record)?;
-                    if let Some(due) = r.next_retry_ms {
-                        pending
-                            .insert(pending_key(&r.campaign_id, due, &r.lead_id).as_str(), ())
-                            .map_err(backend)?;
-                    }
                 }
                 WriteOp::State(key, _) => {
                     state
                         .insert(key.as_str(), write.record.as_slice())
                         .map_err(backend)?;
                 }
+            }
+            if let Some(key) = &write.day {
+                by_day.insert(key.as_str(), ()).map_err(backend)?;
+            }
+            if let Some(key) = &write.queue {
+                pending.insert(key.as_str(), ()).map_err(backend)?;
+            }
+            if let (Some(key), Some(answer)) = (&write.idem, &write.answer) {
+                idem.insert(key.as_str(), answer.as_slice())
+                    .map_err(backend)?;
             }
         }
         if let Some(epoch) = epoch {
@@ -481,6 +795,35 @@ fn apply(
         }
     }
     txn.commit().map_err(backend)
+}
+
+/// A lead found by a range read: its newest version from the overlay, or its id to read from
+/// the same redb snapshot the keys came from.
+enum Found {
+    Overlay(Arc<Encoded>),
+    Table(String),
+}
+
+fn read_found(
+    found: BTreeMap<String, Found>,
+    leads: &redb::ReadOnlyTable<&str, &[u8]>,
+    limit: usize,
+) -> Result<Vec<LeadRecord>, StorageError> {
+    let mut out = Vec::with_capacity(found.len().min(limit));
+    for (_, lead) in found.into_iter().take(limit) {
+        match lead {
+            Found::Overlay(write) => match &write.op {
+                WriteOp::Insert(r, _) | WriteOp::Update(r) => out.push(r.clone()),
+                WriteOp::State(..) => {}
+            },
+            Found::Table(lead_id) => {
+                if let Some(bytes) = leads.get(lead_id.as_str()).map_err(backend)? {
+                    out.push(serde_json::from_slice(bytes.value()).map_err(corrupt)?);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl EmbeddedStore {
@@ -513,28 +856,48 @@ impl LeadStore for EmbeddedStore {
         due_ms: i64,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
-        let txn = self.db()?.begin_read().map_err(backend)?;
-        let queue = txn.open_table(PENDING).map_err(backend)?;
-        let leads = txn.open_table(LEADS).map_err(backend)?;
+        let db = self.db()?;
         let start = format!("{campaign_id}{SEP}");
         let end = pending_key(campaign_id, due_ms, "\u{7f}");
-        let mut out = Vec::new();
-        for entry in queue.range(start.as_str()..end.as_str()).map_err(backend)? {
-            if out.len() >= limit {
-                break;
+        let mut found = BTreeMap::new();
+        let (_txn, leads) = {
+            let overlay = self.overlay();
+            let txn = db.begin_read().map_err(backend)?;
+            let queue = txn.open_table(PENDING).map_err(backend)?;
+            let leads = txn.open_table(LEADS).map_err(backend)?;
+            // A key of the overlay counts while its lead's newest version is due then.
+            for (key, _) in overlay.pending.range(start.clone()..end.clone()) {
+                if let Some(record) = overlay.lead(lead_of(key))
+                    && record
+                        .next_retry_ms
+                        .map(|due| pending_key(campaign_id, due, &record.lead_id))
+                        .as_deref()
+                        == Some(key.as_str())
+                {
+                    found.insert(
+                        key.clone(),
+                        Found::Overlay(overlay.leads[lead_of(key)].1.clone()),
+                    );
+                }
             }
-            let (key, _) = entry.map_err(backend)?;
-            let Some(lead_id) = key.value().rsplit(SEP).next().map(str::to_owned) else {
-                continue;
-            };
-            if let Some(bytes) = leads.get(lead_id.as_str()).map_err(backend)? {
-                out.push(
-                    serde_json::from_slice(bytes.value())
-                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
-                );
+            // A lead of the overlay is settled above; redb's keys of other leads are current.
+            let mut from_table = 0;
+            for entry in queue.range(start.as_str()..end.as_str()).map_err(backend)? {
+                if from_table >= limit {
+                    break;
+                }
+                let (key, _) = entry.map_err(backend)?;
+                let key = key.value();
+                let lead_id = lead_of(key);
+                if overlay.leads.contains_key(lead_id) {
+                    continue;
+                }
+                found.insert(key.to_owned(), Found::Table(lead_id.to_owned()));
+                from_table += 1;
             }
-        }
-        Ok(out)
+            (txn, leads)
+        };
+        read_found(found, &leads, limit)
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
@@ -542,18 +905,27 @@ impl LeadStore for EmbeddedStore {
     }
 
     async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let txn = self.db()?.begin_read().map_err(backend)?;
+        let db = self.db()?;
+        if let Some((_, write)) = self.overlay().state.get(key) {
+            return Ok(Some(write.record.clone()));
+        }
+        // Not in the overlay: redb holds its newest value (it is committed before it leaves).
+        let txn = db.begin_read().map_err(backend)?;
         let table = txn.open_table(STATE).map_err(backend)?;
         Ok(table.get(key).map_err(backend)?.map(|v| v.value().to_vec()))
     }
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
-        let txn = self.db()?.begin_read().map_err(backend)?;
+        let db = self.db()?;
+        if let Some(record) = self.overlay().lead(lead_id) {
+            return Ok(Some(record.clone()));
+        }
+        let txn = db.begin_read().map_err(backend)?;
         let table = txn.open_table(LEADS).map_err(backend)?;
         match table.get(lead_id).map_err(backend)? {
             Some(bytes) => serde_json::from_slice(bytes.value())
                 .map(Some)
-                .map_err(|e| StorageError::Corrupt(e.to_string())),
+                .map_err(corrupt),
             None => Ok(None),
         }
     }
@@ -564,16 +936,26 @@ impl LeadStore for EmbeddedStore {
         key: &str,
         now_ms: i64,
     ) -> Result<Option<IdempotentAnswer>, StorageError> {
-        let txn = self.db()?.begin_read().map_err(backend)?;
-        let table = txn.open_table(IDEMPOTENCY).map_err(backend)?;
-        let Some(bytes) = table
-            .get(idem_key(supplier_id, key).as_str())
-            .map_err(backend)?
-        else {
-            return Ok(None);
+        let db = self.db()?;
+        let key = idem_key(supplier_id, key);
+        let kept = match self.overlay().idempotency.get(&key) {
+            Some((_, write)) => match &write.op {
+                WriteOp::Insert(_, Some((_, answer))) => Some(answer.clone()),
+                _ => None,
+            },
+            None => None,
         };
-        let answer: IdempotentAnswer = serde_json::from_slice(bytes.value())
-            .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let answer = match kept {
+            Some(answer) => answer,
+            None => {
+                let txn = db.begin_read().map_err(backend)?;
+                let table = txn.open_table(IDEMPOTENCY).map_err(backend)?;
+                let Some(bytes) = table.get(key.as_str()).map_err(backend)? else {
+                    return Ok(None);
+                };
+                serde_json::from_slice(bytes.value()).map_err(corrupt)?
+            }
+        };
         Ok((now_ms - answer.created_at_ms < IDEMPOTENCY_TTL_MS).then_some(answer))
     }
 
@@ -584,33 +966,48 @@ impl LeadStore for EmbeddedStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
-        let txn = self.db()?.begin_read().map_err(backend)?;
-        let index = txn.open_table(SUPPLIER_DAY).map_err(backend)?;
-        let leads = txn.open_table(LEADS).map_err(backend)?;
+        let db = self.db()?;
         let prefix = day_key(supplier_id, day, "");
         let start = match after {
             Some(after) => day_key(supplier_id, day, after),
             None => prefix.clone(),
         };
-        let mut out = Vec::new();
-        for entry in index.range(start.as_str()..).map_err(backend)? {
-            let (key, _) = entry.map_err(backend)?;
-            let key = key.value();
-            if !key.starts_with(&prefix) || out.len() >= limit {
-                break;
+        let mut found = BTreeMap::new();
+        let (_txn, leads) = {
+            let overlay = self.overlay();
+            let txn = db.begin_read().map_err(backend)?;
+            let index = txn.open_table(SUPPLIER_DAY).map_err(backend)?;
+            let leads = txn.open_table(LEADS).map_err(backend)?;
+            let newest = |lead_id: &str| match overlay.leads.get(lead_id) {
+                Some((_, write)) => Found::Overlay(write.clone()),
+                None => Found::Table(lead_id.to_owned()),
+            };
+            for (key, _) in overlay.by_day.range(start.clone()..) {
+                if !key.starts_with(&prefix) || found.len() >= limit {
+                    break;
+                }
+                let lead_id = &key[prefix.len()..];
+                if after != Some(lead_id) {
+                    found.insert(key.clone(), newest(lead_id));
+                }
             }
-            let lead_id = &key[prefix.len()..];
-            if after == Some(lead_id) {
-                continue;
+            let mut from_table = 0;
+            for entry in index.range(start.as_str()..).map_err(backend)? {
+                let (key, _) = entry.map_err(backend)?;
+                let key = key.value();
+                if !key.starts_with(&prefix) || from_table >= limit {
+                    break;
+                }
+                let lead_id = &key[prefix.len()..];
+                if after == Some(lead_id) || found.contains_key(key) {
+                    continue;
+                }
+                found.insert(key.to_owned(), newest(lead_id));
+                from_table += 1;
             }
-            if let Some(bytes) = leads.get(lead_id).map_err(backend)? {
-                out.push(
-                    serde_json::from_slice(bytes.value())
-                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
-                );
-            }
-        }
-        Ok(out)
+            (txn, leads)
+        };
+        read_found(found, &leads, limit)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
@@ -663,7 +1060,7 @@ mod tests {
         let mut framed = Vec::new();
         for op in ops {
             let mut payload = Vec::new();
-            encode(op).unwrap().write_payload(&mut payload);
+            encode(op.clone()).unwrap().write_payload(&mut payload);
             log.frame(&payload, &mut framed);
         }
         log.append_durably(&framed).unwrap();
@@ -690,7 +1087,10 @@ mod tests {
             txn.open_table(SUPPLIER_DAY).unwrap();
             txn.open_table(PENDING).unwrap();
             txn.commit().unwrap();
-            let encoded: Vec<_> = ops.iter().map(|op| encode(op).unwrap()).collect();
+            let encoded: Vec<_> = ops
+                .iter()
+                .map(|op| Arc::new(encode(op.clone()).unwrap()))
+                .collect();
             apply(&db, &encoded, Some(0), Durability::Immediate, true).unwrap();
         }
         log_with(dir.path(), 0, &ops);
@@ -717,6 +1117,142 @@ mod tests {
         );
         let store = EmbeddedStore::open(dir.path(), 64).unwrap();
         assert_eq!(store.get_lead("old").await.unwrap(), None);
+        store.close().await.unwrap();
+    }
+
+    fn unapplied(dir: &Path) -> EmbeddedStore {
+        let options = Options {
+            group_commit_max: 64,
+            checkpoint_every: Duration::from_secs(3600),
+            apply_every: Duration::from_secs(3600),
+            ..Options::default()
+        };
+        EmbeddedStore::open_with(dir, options).unwrap()
+    }
+
+    fn in_table(store: &EmbeddedStore, lead_id: &str) -> bool {
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let leads = txn.open_table(LEADS).unwrap();
+        leads.get(lead_id).unwrap().is_some()
+    }
+
+    fn ids(records: &[LeadRecord]) -> Vec<&str> {
+        records.iter().map(|r| r.lead_id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn reads_merge_unapplied_writes_over_the_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = unapplied(dir.path());
+            store
+                .insert_lead(pending("A", Some(100)), None)
+                .await
+                .unwrap();
+            store
+                .insert_lead(pending("B", Some(150)), None)
+                .await
+                .unwrap();
+            store.insert_lead(pending("C", None), None).await.unwrap();
+            store.put_state("k", b"v1".to_vec()).await.unwrap();
+            // Answered from the overlay: nothing is in redb yet.
+            assert!(!in_table(&store, "A"));
+            assert_eq!(
+                ids(&store.pending_due("acme-auto", 1_000, 10).await.unwrap()),
+                ["A", "B"]
+            );
+            store.close().await.unwrap();
+        }
+        // Reopened: A, B, C are in redb; the writes below stay in the overlay.
+        let store = unapplied(dir.path());
+        assert!(in_table(&store, "A"));
+        store.update_lead(pending("A", Some(300))).await.unwrap();
+        store.update_lead(pending("B", None)).await.unwrap();
+        store
+            .insert_lead(pending("D", Some(120)), None)
+            .await
+            .unwrap();
+        store.put_state("k", b"v2".to_vec()).await.unwrap();
+        let answer = IdempotentAnswer {
+            lead_id: "E".into(),
+            body: "{}".into(),
+            // Recent: an open drops answers older than 24 h.
+            created_at_ms: crate::clock::now_ms(),
+        };
+        store
+            .insert_lead(pending("E", None), Some(("key-1".into(), answer.clone())))
+            .await
+            .unwrap();
+        assert!(!in_table(&store, "D"));
+
+        let check = |store: EmbeddedStore, answer: IdempotentAnswer| async move {
+            // A's older key (due 100) in redb is left out; B is no longer queued.
+            let due = store.pending_due("acme-auto", 1_000, 10).await.unwrap();
+            assert_eq!(ids(&due), ["D", "A"]);
+            assert_eq!(due[1], pending("A", Some(300)));
+            assert_eq!(
+                ids(&store.pending_due("acme-auto", 200, 10).await.unwrap()),
+                ["D"]
+            );
+            assert_eq!(
+                ids(&store.pending_due("acme-auto", 1_000, 1).await.unwrap()),
+                ["D"]
+            );
+            assert_eq!(store.get_lead("B").await.unwrap(), Some(pending("B", None)));
+            assert_eq!(store.get_state("k").await.unwrap(), Some(b"v2".to_vec()));
+            assert_eq!(
+                store
+                    .get_idempotent("sup-1", "key-1", answer.created_at_ms + 1)
+                    .await
+                    .unwrap(),
+                Some(answer)
+            );
+            // The supplier's day, in lead-id order across redb and the overlay, newest versions.
+            let day = day_of(1_795_000_000_000);
+            let all = store
+                .leads_of_supplier_day("sup-1", day, None, 10)
+                .await
+                .unwrap();
+            assert_eq!(ids(&all), ["A", "B", "C", "D", "E"]);
+            assert_eq!(all[0], pending("A", Some(300)));
+            let page = store
+                .leads_of_supplier_day("sup-1", day, Some("B"), 2)
+                .await
+                .unwrap();
+            assert_eq!(ids(&page), ["C", "D"]);
+            store.close().await.unwrap();
+        };
+        check(store, answer.clone()).await;
+        // The same answers from redb alone after the close's checkpoint.
+        let store = unapplied(dir.path());
+        assert!(in_table(&store, "D"));
+        check(store, answer).await;
+    }
+
+    #[tokio::test]
+    async fn logged_writes_reach_the_tables_within_the_apply_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            checkpoint_every: Duration::from_secs(3600),
+            apply_every: Duration::from_millis(10),
+            ..Options::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        store
+            .insert_lead(pending("A", Some(100)), None)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        while store.overlay().len() > 0 && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(store.overlay().len(), 0);
+        assert!(store.overlay().pending.is_empty() && store.overlay().by_day.is_empty());
+        assert!(in_table(&store, "A"));
+        assert_eq!(
+            ids(&store.pending_due("acme-auto", 1_000, 10).await.unwrap()),
+            ["A"]
+        );
         store.close().await.unwrap();
     }
 }

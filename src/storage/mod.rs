@@ -178,9 +178,12 @@ pub async fn open(
         "scylla" => Arc::new(self::scylla::ScyllaStore::open(config).await?),
         _ => Arc::new(embedded::EmbeddedStore::open_with(
             &config.path,
-            config.group_commit_max,
-            std::time::Duration::from_millis(config.checkpoint_ms.max(1)),
-            config.cache_mib.max(1) << 20,
+            embedded::Options {
+                group_commit_max: config.group_commit_max,
+                checkpoint_every: std::time::Duration::from_millis(config.checkpoint_ms.max(1)),
+                cache_bytes: config.cache_mib.max(1) << 20,
+                apply_every: std::time::Duration::from_millis(config.apply_ms),
+            },
         )?),
     };
     spill::SpillingStore::open(inner, &config.spill_file(), config.spill_max)
