@@ -56,8 +56,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const APPLY_EVERY: Duration = Duration::from_millis(20);
 /// Logged writes that start an apply without waiting for `apply_every`.
 const APPLY_MAX: usize = 1024;
-/// Groups the writer may hand the applier ahead of it before it waits (bounds the overlay).
-const APPLY_QUEUE: usize = 256;
+/// Logged writes the writer may queue for the applier before it waits (bounds the overlay).
+const APPLY_BACKLOG: usize = 16 * APPLY_MAX;
 
 #[derive(Clone)]
 enum WriteOp {
@@ -88,6 +88,93 @@ enum Apply {
         epoch: Option<u64>,
         done: std_mpsc::SyncSender<Result<(), StorageError>>,
     },
+}
+
+/// The writer's hand-off to the applier. A push wakes the applier only when it has nothing
+/// to do, when a durable commit is asked for, or when `APPLY_MAX` writes wait: otherwise the
+/// applier sleeps until its batch is due, instead of waking for every group.
+#[derive(Default)]
+struct ApplyQueue {
+    state: std::sync::Mutex<ApplyState>,
+    ready: std::sync::Condvar,
+    room: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ApplyState {
+    items: std::collections::VecDeque<Apply>,
+    /// Logged writes in `items`.
+    writes: usize,
+    /// A durable commit is asked for.
+    urgent: bool,
+    /// The applier waits for a first write.
+    idle: bool,
+    closed: bool,
+}
+
+impl ApplyQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ApplyState> {
+        self.state.lock().expect("apply queue lock")
+    }
+
+    fn push(&self, item: Apply) -> Result<(), StorageError> {
+        let mut state = self.lock();
+        while state.writes >= APPLY_BACKLOG && !state.closed {
+            state = self.room.wait(state).expect("apply queue lock");
+        }
+        if state.closed {
+            return Err(StorageError::Closed);
+        }
+        match &item {
+            Apply::Logged { writes, .. } => state.writes += writes.len(),
+            Apply::Durable { .. } => state.urgent = true,
+        }
+        state.items.push_back(item);
+        if state.idle || state.urgent || state.writes >= APPLY_MAX {
+            state.idle = false;
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+        self.room.notify_all();
+    }
+
+    /// Everything queued, once there is something and `due` has come (`None`: at once), a
+    /// durable commit is asked for, `APPLY_MAX` writes wait or the writer is gone; and
+    /// whether the writer is gone.
+    fn take(&self, due: Option<Instant>) -> (Vec<Apply>, bool) {
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            let ripe = match due {
+                None => !state.items.is_empty(),
+                Some(due) => now >= due,
+            };
+            if ripe || state.urgent || state.closed || state.writes >= APPLY_MAX {
+                break;
+            }
+            state.idle = due.is_none();
+            state = match due {
+                None => self.ready.wait(state).expect("apply queue lock"),
+                Some(due) => {
+                    self.ready
+                        .wait_timeout(state, due - now)
+                        .expect("apply queue lock")
+                        .0
+                }
+            };
+        }
+        state.idle = false;
+        state.urgent = false;
+        state.writes = 0;
+        let items = state.items.drain(..).collect();
+        self.room.notify_all();
+        (items, state.closed)
+    }
 }
 
 /// Logged writes not yet committed to redb, as readers need them. Each entry carries the
@@ -239,18 +326,19 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let overlay = Arc::new(RwLock::new(Overlay::default()));
         let (tx, rx) = std_mpsc::channel();
-        let (apply_tx, apply_rx) = std_mpsc::sync_channel(APPLY_QUEUE);
+        let queue = Arc::new(ApplyQueue::default());
         let applier = {
             let db = db.clone();
             let overlay = overlay.clone();
+            let queue = queue.clone();
             std::thread::Builder::new()
                 .name("leadex-store-applier".into())
-                .spawn(move || applier_loop(&db, &apply_rx, &overlay, options.apply_every))
+                .spawn(move || applier_loop(&db, &queue, &overlay, options.apply_every))
                 .map_err(backend)?
         };
         let writer = Writer {
             log: wal,
-            applier: apply_tx,
+            applier: queue.clone(),
             overlay: overlay.clone(),
             seq: 0,
             framed: Vec::new(),
@@ -263,6 +351,7 @@ impl EmbeddedStore {
             .spawn(move || {
                 let closing = writer.run(&rx, max, checkpoint_every);
                 // Release the database (the applier holds it too) before telling `close`.
+                queue.close();
                 let _ = applier.join();
                 if let Some(done) = closing {
                     let _ = done.send(());
@@ -352,7 +441,7 @@ fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
 /// The writer thread's state: the log, and the applier it feeds.
 struct Writer {
     log: wal::Wal,
-    applier: std_mpsc::SyncSender<Apply>,
+    applier: Arc<ApplyQueue>,
     overlay: Arc<RwLock<Overlay>>,
     /// Sequence number of the last write taken.
     seq: u64,
@@ -422,7 +511,7 @@ impl Writer {
                 if let Some(writes) = logged {
                     // After the answers: the applier's queue is bounded, and waiting on it
                     // should hold up later groups, not this one.
-                    let _ = self.applier.send(Apply::Logged {
+                    let _ = self.applier.push(Apply::Logged {
                         writes,
                         seq: self.seq,
                     });
@@ -490,14 +579,12 @@ impl Writer {
         epoch: Option<u64>,
     ) -> Result<(), StorageError> {
         let (done, wait) = std_mpsc::sync_channel(1);
-        self.applier
-            .send(Apply::Durable {
-                writes,
-                seq: self.seq,
-                epoch,
-                done,
-            })
-            .map_err(|_| StorageError::Closed)?;
+        self.applier.push(Apply::Durable {
+            writes,
+            seq: self.seq,
+            epoch,
+            done,
+        })?;
         wait.recv().map_err(|_| StorageError::Closed)?
     }
 
@@ -511,14 +598,10 @@ impl Writer {
 }
 
 /// Applies logged writes to redb in batches until the writer goes away.
-fn applier_loop(
-    db: &Database,
-    rx: &std_mpsc::Receiver<Apply>,
-    overlay: &RwLock<Overlay>,
-    every: Duration,
-) {
+fn applier_loop(db: &Database, queue: &ApplyQueue, overlay: &RwLock<Overlay>, every: Duration) {
     let mut queued: Vec<Arc<Encoded>> = Vec::new();
     let mut through = 0u64;
+    // When the oldest write in `queued` came (or a failed apply is to be tried again).
     let mut since: Option<Instant> = None;
     let flush = |queued: &mut Vec<Arc<Encoded>>,
                  through: u64,
@@ -542,60 +625,49 @@ fn applier_loop(
         Ok(())
     };
     loop {
-        let next = match since {
-            None => rx
-                .recv()
-                .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
-            Some(at) => rx.recv_timeout(every.saturating_sub(at.elapsed())),
-        };
-        let result = match next {
-            Ok(Apply::Logged { writes, seq }) => {
-                queued.extend(writes);
-                through = seq;
-                since.get_or_insert_with(Instant::now);
-                if queued.len() < APPLY_MAX {
-                    continue;
+        let (items, closed) = queue.take(since.map(|at| at + every));
+        for item in items {
+            match item {
+                Apply::Logged { writes, seq } => {
+                    queued.extend(writes);
+                    through = seq;
+                    since.get_or_insert_with(Instant::now);
                 }
-                flush(&mut queued, through, None, Durability::None)
-            }
-            Ok(Apply::Durable {
-                writes,
-                seq,
-                epoch,
-                done,
-            }) => {
-                let before = queued.len();
-                queued.extend(writes);
-                let result = flush(&mut queued, seq, epoch, Durability::Immediate);
-                match &result {
-                    Ok(()) => through = seq,
-                    // The writer answers those writes with the error; the logged ones stay.
-                    Err(_) => queued.truncate(before),
+                Apply::Durable {
+                    writes,
+                    seq,
+                    epoch,
+                    done,
+                } => {
+                    let before = queued.len();
+                    queued.extend(writes);
+                    let result = flush(&mut queued, seq, epoch, Durability::Immediate);
+                    match &result {
+                        Ok(()) => {
+                            through = seq;
+                            since = None;
+                        }
+                        // The writer answers those writes with the error; the logged ones stay.
+                        Err(_) => queued.truncate(before),
+                    }
+                    let _ = done.send(result);
                 }
-                let answer = result
-                    .as_ref()
-                    .map_err(|e| StorageError::Backend(e.to_string()));
-                let _ = done.send(answer.map(|_| ()));
-                result
             }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                flush(&mut queued, through, None, Durability::None)
-            }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                if let Err(e) = flush(&mut queued, through, None, Durability::None) {
-                    tracing::error!(error = %e, "storage apply failed at close; the log keeps the writes");
+        }
+        let due = since.is_some_and(|at| at.elapsed() >= every);
+        if !queued.is_empty() && (due || closed || queued.len() >= APPLY_MAX) {
+            match flush(&mut queued, through, None, Durability::None) {
+                Ok(()) => since = None,
+                Err(e) => {
+                    // Kept in the overlay and the log; tried again after `every`.
+                    metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                    tracing::error!(error = %e, writes = queued.len(), "storage apply failed");
+                    since = Some(Instant::now());
                 }
-                return;
             }
-        };
-        match result {
-            Ok(()) => since = None,
-            Err(e) => {
-                // Kept in the overlay and the log; tried again after `every`.
-                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
-                tracing::error!(error = %e, writes = queued.len(), "storage apply failed");
-                since = (!queued.is_empty()).then(Instant::now);
-            }
+        }
+        if closed {
+            return;
         }
     }
 }
