@@ -126,6 +126,7 @@ backend = "embedded"
 path = "$data_dir"
 checkpoint_ms = ${CHECKPOINT_MS:-1000}
 apply_ms = ${APPLY_MS:-20}
+linger_us = ${LINGER_US:-1000}
 
 [rate_limit]
 requests = 100000000

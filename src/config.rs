@@ -115,6 +115,10 @@ pub struct StorageConfig {
     /// off the answer path); until then reads find it in memory.
     #[serde(default = "default_apply_ms")]
     pub apply_ms: u64,
+    /// `embedded`: while writes come faster than 3,000/s, how long (µs) the writer waits for
+    /// more before each log sync; 0 never waits.
+    #[serde(default = "default_linger_us")]
+    pub linger_us: u64,
     /// `scylla`: contact points, `host:port`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -169,6 +173,7 @@ impl Default for StorageConfig {
             checkpoint_ms: default_checkpoint_ms(),
             cache_mib: default_cache_mib(),
             apply_ms: default_apply_ms(),
+            linger_us: default_linger_us(),
             nodes: Vec::new(),
             keyspace: default_keyspace(),
             replication_factor: None,
@@ -584,6 +589,10 @@ fn default_cache_mib() -> usize {
 
 fn default_apply_ms() -> u64 {
     20
+}
+
+fn default_linger_us() -> u64 {
+    1000
 }
 
 fn default_group_commit() -> usize {

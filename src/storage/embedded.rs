@@ -52,8 +52,14 @@ const WAL_CAPACITY: u64 = 8 << 20;
 const CACHE_BYTES: usize = 64 << 20;
 /// Default longest time between checkpoints while writes come in (and after the last).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Default wait for more writes before a sync when writes come fast.
+const LINGER: Duration = Duration::from_micros(1000);
 /// Default longest time a logged write waits to be applied to redb.
 const APPLY_EVERY: Duration = Duration::from_millis(20);
+/// Writes per second past which the writer lingers before each sync (`Options::linger`).
+const LINGER_RATE: f64 = 3000.0;
+/// How often the writer measures its arrival rate.
+const RATE_WINDOW: Duration = Duration::from_millis(10);
 /// Logged writes that start an apply without waiting for `apply_every`.
 const APPLY_MAX: usize = 1024;
 /// Logged writes the writer may queue for the applier before it waits (bounds the overlay).
@@ -255,6 +261,9 @@ pub struct Options {
     pub cache_bytes: usize,
     /// Longest time a logged write waits before it is applied to redb.
     pub apply_every: Duration,
+    /// While writes come faster than 3,000 a second, how long the writer waits for more
+    /// before each log sync (zero: never), so a sync carries more of them.
+    pub linger: Duration,
 }
 
 impl Default for Options {
@@ -264,6 +273,7 @@ impl Default for Options {
             checkpoint_every: CHECKPOINT_EVERY,
             cache_bytes: CACHE_BYTES,
             apply_every: APPLY_EVERY,
+            linger: LINGER,
         }
     }
 }
@@ -346,10 +356,11 @@ impl EmbeddedStore {
         };
         let max = options.group_commit_max.max(1);
         let checkpoint_every = options.checkpoint_every;
+        let linger = options.linger;
         std::thread::Builder::new()
             .name("leadex-store-writer".into())
             .spawn(move || {
-                let closing = writer.run(&rx, max, checkpoint_every);
+                let closing = writer.run(&rx, max, checkpoint_every, linger);
                 // Release the database (the applier holds it too) before telling `close`.
                 queue.close();
                 let _ = applier.join();
@@ -456,9 +467,12 @@ impl Writer {
         rx: &std_mpsc::Receiver<Job>,
         max: usize,
         checkpoint_every: Duration,
+        linger: Duration,
     ) -> Option<oneshot::Sender<()>> {
         let mut batch: Vec<Box<WriteJob>> = Vec::with_capacity(max);
         let mut closing = None;
+        // Arrival rate over the last `RATE_WINDOW`: writes, since when, and above LINGER_RATE.
+        let (mut arrived, mut window, mut busy) = (0usize, Instant::now(), false);
         while closing.is_none() {
             let first = if self.log.is_empty() {
                 rx.recv()
@@ -478,12 +492,26 @@ impl Writer {
                     return None;
                 }
             }
-            while batch.len() < max && closing.is_none() {
-                match rx.try_recv() {
-                    Ok(Job::Write(job)) => batch.push(job),
-                    Ok(Job::Close(done)) => closing = Some(done),
-                    Err(_) => break,
+            let mut drain = |batch: &mut Vec<Box<WriteJob>>| {
+                while batch.len() < max && closing.is_none() {
+                    match rx.try_recv() {
+                        Ok(Job::Write(job)) => batch.push(job),
+                        Ok(Job::Close(done)) => closing = Some(done),
+                        Err(_) => break,
+                    }
                 }
+            };
+            drain(&mut batch);
+            if busy && !linger.is_zero() && !batch.is_empty() && batch.len() < max {
+                // Writes come fast: a short wait lets this sync carry more of them. A sleep,
+                // not a timed receive, so the writers' sends wake no one meanwhile.
+                std::thread::sleep(linger);
+                drain(&mut batch);
+            }
+            arrived += batch.len();
+            if window.elapsed() >= RATE_WINDOW {
+                busy = arrived as f64 / window.elapsed().as_secs_f64() >= LINGER_RATE;
+                (arrived, window) = (0, Instant::now());
             }
             if !batch.is_empty() {
                 let started = Instant::now();

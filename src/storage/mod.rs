@@ -183,6 +183,7 @@ pub async fn open(
                 checkpoint_every: std::time::Duration::from_millis(config.checkpoint_ms.max(1)),
                 cache_bytes: config.cache_mib.max(1) << 20,
                 apply_every: std::time::Duration::from_millis(config.apply_ms),
+                linger: std::time::Duration::from_micros(config.linger_us),
             },
         )?),
     };
