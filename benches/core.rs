@@ -216,7 +216,7 @@ fn storage_writes(c: &mut Criterion) {
                 async move {
                     let writes = batch.into_iter().map(|r| {
                         let store = store.clone();
-                        async move { store.insert_lead(r, None).await }
+                        async move { store.insert_lead(Arc::new(r), None).await }
                     });
                     for result in futures::future::join_all(writes).await {
                         result.expect("stored");

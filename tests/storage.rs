@@ -383,14 +383,20 @@ mod cases {
         let store = backend.open().await;
         let t = tag();
         let sold = record(&format!("sup-{t}"), &format!("camp-{t}"), BASE + 5 * HOUR);
-        store.insert_lead(sold.clone(), None).await.unwrap();
+        store
+            .insert_lead(Arc::new(sold.clone()), None)
+            .await
+            .unwrap();
         assert_eq!(store.get_lead(&sold.lead_id).await.unwrap(), Some(sold));
 
         let waiting = LeadRecord {
             auction_log: Vec::new(),
             ..pending(&format!("sup-{t}"), &format!("camp-{t}"), BASE, BASE + HOUR)
         };
-        store.insert_lead(waiting.clone(), None).await.unwrap();
+        store
+            .insert_lead(Arc::new(waiting.clone()), None)
+            .await
+            .unwrap();
         let read = store.get_lead(&waiting.lead_id).await.unwrap().unwrap();
         assert_eq!(read, waiting);
         assert_eq!(read.status, LeadStatus::Pending);
@@ -406,7 +412,10 @@ mod cases {
         // More events than one page of a CQL read.
         let mut long = record(&format!("sup-{t}"), &format!("camp-{t}"), BASE + HOUR);
         long.auction_log = (0..150).map(event).collect();
-        store.insert_lead(long.clone(), None).await.unwrap();
+        store
+            .insert_lead(Arc::new(long.clone()), None)
+            .await
+            .unwrap();
         let read = store.get_lead(&long.lead_id).await.unwrap().unwrap();
         assert_eq!(read.auction_log, long.auction_log);
 
@@ -441,7 +450,7 @@ mod cases {
         all.reverse();
         all.swap(0, 17);
         for r in all {
-            store.insert_lead(r, None).await.unwrap();
+            store.insert_lead(Arc::new(r), None).await.unwrap();
         }
 
         let mut listed = Vec::new();
@@ -496,7 +505,7 @@ mod cases {
         let x = pending(&supplier, &other, t0 - 2000, t0);
         let sold = record(&supplier, &campaign, t0 - 1000);
         for r in [&a, &b, &c, &x, &sold] {
-            store.insert_lead(r.clone(), None).await.unwrap();
+            store.insert_lead(Arc::new(r.clone()), None).await.unwrap();
         }
 
         assert!(
@@ -590,7 +599,7 @@ mod cases {
             created_at_ms: BASE,
         };
         store
-            .insert_lead(r.clone(), Some(("key-1".into(), answer.clone())))
+            .insert_lead(Arc::new(r.clone()), Some(("key-1".into(), answer.clone())))
             .await
             .unwrap();
         assert_eq!(
@@ -663,7 +672,7 @@ mod cases {
         let writes = records.iter().map(|r| {
             let store = store.clone();
             let r = r.clone();
-            async move { store.insert_lead(r, None).await }
+            async move { store.insert_lead(Arc::new(r), None).await }
         });
         for result in futures::future::join_all(writes).await {
             result.unwrap();
@@ -695,7 +704,7 @@ mod cases {
             created_at_ms: now,
         };
         store
-            .insert_lead(r.clone(), Some(("k".into(), answer.clone())))
+            .insert_lead(Arc::new(r.clone()), Some(("k".into(), answer.clone())))
             .await
             .unwrap();
         store.put_state(&format!("s-{t}"), vec![42]).await.unwrap();
@@ -704,7 +713,7 @@ mod cases {
             store.get_lead(&r.lead_id).await,
             Err(StorageError::Closed)
         ));
-        assert!(store.insert_lead(r.clone(), None).await.is_err());
+        assert!(store.insert_lead(Arc::new(r.clone()), None).await.is_err());
         assert!(store.ping().await.is_err());
 
         let store = backend.open().await;
@@ -1080,16 +1089,29 @@ async fn the_spill_is_bounded_and_replayed_by_the_next_start() {
     };
     assert!(
         store
-            .insert_lead(sales[0].clone(), Some(("key-0".into(), answer.clone())))
+            .insert_lead(
+                Arc::new(sales[0].clone()),
+                Some(("key-0".into(), answer.clone()))
+            )
             .await
             .is_err()
     );
     for sale in &sales[1..] {
-        assert!(store.insert_lead(sale.clone(), None).await.is_err());
+        assert!(
+            store
+                .insert_lead(Arc::new(sale.clone()), None)
+                .await
+                .is_err()
+        );
     }
     assert_eq!(store.spilled().await, 2, "bounded at spill_max");
     let unsold = pending(&format!("sup-{t}"), "camp", BASE, BASE + HOUR);
-    assert!(store.insert_lead(unsold.clone(), None).await.is_err());
+    assert!(
+        store
+            .insert_lead(Arc::new(unsold.clone()), None)
+            .await
+            .is_err()
+    );
     assert_eq!(store.spilled().await, 2, "only sales are spilled");
     store.close().await.unwrap();
     assert_eq!(

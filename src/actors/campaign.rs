@@ -151,7 +151,7 @@ impl Actor for CampaignActor {
 }
 
 impl Handler<RunAuction> for CampaignActor {
-    type Result = ResponseFuture<Result<LeadRecord, AuctionError>>;
+    type Result = ResponseFuture<Result<Arc<LeadRecord>, AuctionError>>;
 
     fn handle(&mut self, msg: RunAuction, _: &mut Context<Self>) -> Self::Result {
         let shared = self.shared.clone();
@@ -179,7 +179,7 @@ struct Sale {
 }
 
 impl Shared {
-    async fn run(&self, msg: RunAuction) -> Result<LeadRecord, AuctionError> {
+    async fn run(&self, msg: RunAuction) -> Result<Arc<LeadRecord>, AuctionError> {
         let started = Instant::now();
         let metrics = &self.metrics;
         metrics.in_flight.increment(1.0);
@@ -221,7 +221,7 @@ impl Shared {
         &self,
         msg: RunAuction,
         started: Instant,
-    ) -> Result<LeadRecord, AuctionError> {
+    ) -> Result<Arc<LeadRecord>, AuctionError> {
         let s = &self.settings;
         let claims = self.claim_lead(&msg.lead).await?;
         let sale = self.sell(&msg.lead, &msg.lead_id, started).await;
@@ -243,7 +243,10 @@ impl Shared {
                 .iter()
                 .map(|b| s.buyers[b.buyer].id.clone())
                 .collect(),
-            fields: msg.lead.fields.clone(),
+            // The lead's own fields when the auction holds the last reference (the usual case).
+            fields: Arc::try_unwrap(msg.lead)
+                .map(|lead| lead.fields)
+                .unwrap_or_else(|lead| lead.fields.clone()),
             auction_log: sale.log,
             next_retry_ms: match (status, s.pending) {
                 (LeadStatus::Pending, Some(policy)) => Some(policy.first_retry(msg.created_at_ms)),
@@ -262,6 +265,7 @@ impl Shared {
                 },
             )
         });
+        let record = Arc::new(record);
         if let Err(e) = self.store.insert_lead(record.clone(), idempotency).await {
             if record.status == LeadStatus::Sold {
                 tracing::error!(error = %e, buyers = ?record.buyer_ids, "sold lead could not be stored");

@@ -13,7 +13,7 @@ use crate::storage::{LeadRecord, StorageError};
 
 /// A validated lead for a campaign to auction. Answered once the outcome is durable.
 #[derive(Message)]
-#[rtype(result = "Result<LeadRecord, AuctionError>")]
+#[rtype(result = "Result<Arc<LeadRecord>, AuctionError>")]
 pub struct RunAuction {
     pub lead_id: String,
     pub supplier_id: String,

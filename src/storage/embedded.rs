@@ -67,8 +67,8 @@ const APPLY_BACKLOG: usize = 16 * APPLY_MAX;
 
 #[derive(Clone)]
 enum WriteOp {
-    Insert(LeadRecord, Option<(String, IdempotentAnswer)>),
-    Update(LeadRecord),
+    Insert(Arc<LeadRecord>, Option<(String, IdempotentAnswer)>),
+    Update(Arc<LeadRecord>),
     State(String, Vec<u8>),
 }
 
@@ -233,7 +233,7 @@ impl Overlay {
 
     fn lead(&self, lead_id: &str) -> Option<&LeadRecord> {
         match &self.leads.get(lead_id)?.1.op {
-            WriteOp::Insert(r, _) | WriteOp::Update(r) => Some(r),
+            WriteOp::Insert(r, _) | WriteOp::Update(r) => Some(r.as_ref()),
             WriteOp::State(..) => None,
         }
     }
@@ -726,13 +726,13 @@ fn encode(op: WriteOp) -> Result<Encoded, StorageError> {
             queue = r
                 .next_retry_ms
                 .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
-            serde_json::to_vec(r).map_err(backend)?
+            serde_json::to_vec(r.as_ref()).map_err(backend)?
         }
         WriteOp::Update(r) => {
             queue = r
                 .next_retry_ms
                 .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
-            serde_json::to_vec(r).map_err(backend)?
+            serde_json::to_vec(r.as_ref()).map_err(backend)?
         }
         WriteOp::State(_, value) => value.clone(),
     };
@@ -797,14 +797,14 @@ fn decode(payload: &[u8]) -> Result<WriteOp, StorageError> {
     };
     let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| corrupt());
     Ok(match payload[0] {
-        1 => WriteOp::Insert(record(take()?)?, None),
-        2 => WriteOp::Update(record(take()?)?),
+        1 => WriteOp::Insert(Arc::new(record(take()?)?), None),
+        2 => WriteOp::Update(Arc::new(record(take()?)?)),
         3 => {
             let r = record(take()?)?;
             let key = text(take()?)?;
             let answer = serde_json::from_slice(take()?)
                 .map_err(|e| StorageError::Corrupt(e.to_string()))?;
-            WriteOp::Insert(r, Some((key, answer)))
+            WriteOp::Insert(Arc::new(r), Some((key, answer)))
         }
         4 => {
             let key = text(take()?)?;
@@ -913,7 +913,7 @@ fn read_found(
     for (_, lead) in found.into_iter().take(limit) {
         match lead {
             Found::Overlay(write) => match &write.op {
-                WriteOp::Insert(r, _) | WriteOp::Update(r) => out.push(r.clone()),
+                WriteOp::Insert(r, _) | WriteOp::Update(r) => out.push(LeadRecord::clone(r)),
                 WriteOp::State(..) => {}
             },
             Found::Table(lead_id) => {
@@ -940,14 +940,14 @@ impl EmbeddedStore {
 impl LeadStore for EmbeddedStore {
     async fn insert_lead(
         &self,
-        record: LeadRecord,
+        record: Arc<LeadRecord>,
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError> {
         self.write(WriteOp::Insert(record, idempotency)).await
     }
 
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        self.write(WriteOp::Update(record)).await
+        self.write(WriteOp::Update(Arc::new(record))).await
     }
 
     async fn pending_due(
@@ -1170,10 +1170,10 @@ mod tests {
     async fn a_log_replayed_over_tables_that_already_hold_it_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let ops = vec![
-            WriteOp::Insert(pending("A", Some(100)), None),
-            WriteOp::Update(pending("A", Some(200))),
-            WriteOp::Insert(pending("B", Some(150)), None),
-            WriteOp::Update(pending("B", None)),
+            WriteOp::Insert(Arc::new(pending("A", Some(100))), None),
+            WriteOp::Update(Arc::new(pending("A", Some(200)))),
+            WriteOp::Insert(Arc::new(pending("B", Some(150))), None),
+            WriteOp::Update(Arc::new(pending("B", None))),
             WriteOp::State("k".to_owned(), b"v".to_vec()),
         ];
         {
@@ -1213,7 +1213,7 @@ mod tests {
         log_with(
             dir.path(),
             0,
-            &[WriteOp::Insert(pending("old", None), None)],
+            &[WriteOp::Insert(Arc::new(pending("old", None)), None)],
         );
         let store = EmbeddedStore::open(dir.path(), 64).unwrap();
         assert_eq!(store.get_lead("old").await.unwrap(), None);
@@ -1246,14 +1246,17 @@ mod tests {
         {
             let store = unapplied(dir.path());
             store
-                .insert_lead(pending("A", Some(100)), None)
+                .insert_lead(Arc::new(pending("A", Some(100))), None)
                 .await
                 .unwrap();
             store
-                .insert_lead(pending("B", Some(150)), None)
+                .insert_lead(Arc::new(pending("B", Some(150))), None)
                 .await
                 .unwrap();
-            store.insert_lead(pending("C", None), None).await.unwrap();
+            store
+                .insert_lead(Arc::new(pending("C", None)), None)
+                .await
+                .unwrap();
             store.put_state("k", b"v1".to_vec()).await.unwrap();
             // Answered from the overlay: nothing is in redb yet.
             assert!(!in_table(&store, "A"));
@@ -1269,7 +1272,7 @@ mod tests {
         store.update_lead(pending("A", Some(300))).await.unwrap();
         store.update_lead(pending("B", None)).await.unwrap();
         store
-            .insert_lead(pending("D", Some(120)), None)
+            .insert_lead(Arc::new(pending("D", Some(120))), None)
             .await
             .unwrap();
         store.put_state("k", b"v2".to_vec()).await.unwrap();
@@ -1280,7 +1283,10 @@ mod tests {
             created_at_ms: crate::clock::now_ms(),
         };
         store
-            .insert_lead(pending("E", None), Some(("key-1".into(), answer.clone())))
+            .insert_lead(
+                Arc::new(pending("E", None)),
+                Some(("key-1".into(), answer.clone())),
+            )
             .await
             .unwrap();
         assert!(!in_table(&store, "D"));
@@ -1339,7 +1345,7 @@ mod tests {
         };
         let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
         store
-            .insert_lead(pending("A", Some(100)), None)
+            .insert_lead(Arc::new(pending("A", Some(100))), None)
             .await
             .unwrap();
         let started = Instant::now();

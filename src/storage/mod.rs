@@ -115,7 +115,7 @@ pub trait LeadStore: Send + Sync + 'static {
     /// supplier sent a key; returns once all of it is durable.
     async fn insert_lead(
         &self,
-        record: LeadRecord,
+        record: Arc<LeadRecord>,
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError>;
 

@@ -102,7 +102,7 @@ impl SpillingStore {
         for entry in &spill.entries {
             match self
                 .inner
-                .insert_lead(entry.record.clone(), entry.idempotency.clone())
+                .insert_lead(Arc::new(entry.record.clone()), entry.idempotency.clone())
                 .await
             {
                 Ok(()) => stored += 1,
@@ -195,16 +195,19 @@ async fn replay_loop(store: Weak<SpillingStore>) {
 impl LeadStore for SpillingStore {
     async fn insert_lead(
         &self,
-        record: LeadRecord,
+        record: Arc<LeadRecord>,
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError> {
-        let backup = (record.status == LeadStatus::Sold).then(|| Spilled {
-            record: record.clone(),
-            idempotency: idempotency.clone(),
-        });
+        // A sold lead is kept (shared, not copied) until the store has it.
+        let backup =
+            (record.status == LeadStatus::Sold).then(|| (record.clone(), idempotency.clone()));
         let result = self.inner.insert_lead(record, idempotency).await;
-        if let (Err(_), Some(entry)) = (&result, backup) {
-            self.keep(entry).await;
+        if let (Err(_), Some((record, idempotency))) = (&result, backup) {
+            self.keep(Spilled {
+                record: Arc::unwrap_or_clone(record),
+                idempotency,
+            })
+            .await;
         }
         result
     }

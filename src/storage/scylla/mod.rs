@@ -496,7 +496,7 @@ impl Connected {
 impl LeadStore for ScyllaStore {
     async fn insert_lead(
         &self,
-        record: LeadRecord,
+        record: Arc<LeadRecord>,
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError> {
         let c = self.connected()?;
