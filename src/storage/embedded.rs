@@ -5,8 +5,9 @@
 //! answered. An applier thread applies logged writes to redb in batches (every `apply_every`,
 //! or sooner when many are queued) with a non-durable commit, and drops them from the overlay
 //! once committed. About once a second, and at close, a durable redb commit (checkpoint) of
-//! everything logged makes the log redundant and it starts again; at open, what the log holds
-//! beyond the last checkpoint is applied again (`wal.rs`).
+//! everything logged makes the log redundant; the writer goes on in the log's other file
+//! meanwhile, so a checkpoint holds up no write. At open, what the log holds beyond the last
+//! checkpoint is applied again (`wal.rs`).
 //!
 //! A reader sees every answered write: a write enters the overlay before its writer is
 //! answered and leaves it only after the redb commit that holds it, so a point read looks in
@@ -44,8 +45,9 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const SEP: char = '\u{1f}';
 /// Where the STATE table keeps the log's epoch (the log is replayed from that epoch on).
 const WAL_EPOCH: &str = "\u{1f}wal_epoch";
-const WAL_FILE: &str = "leadex.wal";
-/// Size of the log file, allocated once. A group larger than this skips the log and is
+/// The log's two files: even epochs in the first, odd ones in the second.
+const WAL_FILES: [&str; 2] = ["leadex.wal", "leadex-odd.wal"];
+/// Size of each log file, allocated once. A group larger than this skips the log and is
 /// committed durably to redb directly; the log is checkpointed early when it is full.
 const WAL_CAPACITY: u64 = 8 << 20;
 /// Default page cache (redb's own default is 1 GiB).
@@ -332,7 +334,7 @@ impl EmbeddedStore {
             txn.open_table(STATE).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
-        let wal = recover(&db, &dir.join(WAL_FILE))?;
+        let wal = recover(&db, dir)?;
         let db = Arc::new(db);
         let overlay = Arc::new(RwLock::new(Overlay::default()));
         let (tx, rx) = std_mpsc::channel();
@@ -353,6 +355,8 @@ impl EmbeddedStore {
             seq: 0,
             framed: Vec::new(),
             last_checkpoint: Instant::now(),
+            checkpointing: None,
+            other_free: true,
         };
         let max = options.group_commit_max.max(1);
         let checkpoint_every = options.checkpoint_every;
@@ -421,9 +425,9 @@ impl EmbeddedStore {
     }
 }
 
-/// Opens the log, applies what it holds beyond the last checkpoint, and checkpoints: the
-/// store starts with everything acknowledged before a crash in redb, durably.
-fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
+/// Opens the log in `dir`, applies what it holds beyond the last checkpoint, and checkpoints:
+/// the store starts with everything acknowledged before a crash in redb, durably.
+fn recover(db: &Database, dir: &Path) -> Result<wal::Wal, StorageError> {
     let epoch = {
         let txn = db.begin_read().map_err(backend)?;
         let state = txn.open_table(STATE).map_err(backend)?;
@@ -432,8 +436,9 @@ fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
             None => 0,
         }
     };
-    let (mut log, payloads) = wal::Wal::open(path, WAL_CAPACITY, epoch)
-        .map_err(|e| StorageError::Backend(format!("write-ahead log {}: {e}", path.display())))?;
+    let paths = WAL_FILES.map(|name| dir.join(name));
+    let (mut log, payloads) = wal::Wal::open([&paths[0], &paths[1]], WAL_CAPACITY, epoch)
+        .map_err(|e| StorageError::Backend(format!("write-ahead log in {}: {e}", dir.display())))?;
     let encoded = payloads
         .iter()
         .map(|p| decode(p).and_then(encode).map(Arc::new))
@@ -444,8 +449,10 @@ fn recover(db: &Database, path: &Path) -> Result<wal::Wal, StorageError> {
             "applying writes from the write-ahead log"
         );
     }
-    apply(db, &encoded, Some(epoch + 1), Durability::Immediate, true)?;
-    log.restart(epoch + 1);
+    // The log held epochs `epoch` and `epoch + 1`; both are in redb now, so `epoch + 2` may
+    // take the first one's file, and the checkpoint after it the other's.
+    apply(db, &encoded, Some(epoch + 2), Durability::Immediate, true)?;
+    log.restart(epoch + 2);
     Ok(log)
 }
 
@@ -458,6 +465,11 @@ struct Writer {
     seq: u64,
     framed: Vec<u8>,
     last_checkpoint: Instant,
+    /// The answer of the checkpoint in progress, if any.
+    checkpointing: Option<std_mpsc::Receiver<Result<(), StorageError>>>,
+    /// Whether redb durably holds every write in the log's other file (the previous epoch's),
+    /// which the next epoch writes over.
+    other_free: bool,
 }
 
 impl Writer {
@@ -486,9 +498,7 @@ impl Writer {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                     // Every handle is gone without a close: still leave redb checkpointed.
-                    if !self.log.is_empty() {
-                        self.checkpoint_logged();
-                    }
+                    self.settle();
                     return None;
                 }
             }
@@ -545,20 +555,50 @@ impl Writer {
                     });
                 }
             }
-            let due = self.last_checkpoint.elapsed() >= checkpoint_every || closing.is_some();
-            if due && !self.log.is_empty() {
-                self.checkpoint_logged();
+            if let Some(result) = self.checkpointing.as_ref().and_then(|c| c.try_recv().ok()) {
+                self.checkpointing = None;
+                self.checkpointed(result);
+            }
+            if closing.is_some() {
+                self.settle();
+            } else if self.last_checkpoint.elapsed() >= checkpoint_every && !self.log.is_empty() {
+                self.checkpoint_logged(false);
             }
         }
         closing
     }
 
-    fn checkpoint_logged(&mut self) {
-        if let Err(e) = self.checkpoint() {
+    fn checkpoint_logged(&mut self, wait: bool) {
+        if let Err(e) = self.checkpoint(wait) {
             metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
             tracing::error!(error = %e, "storage checkpoint failed; the log keeps the writes");
         }
         self.last_checkpoint = Instant::now();
+    }
+
+    /// Notes how a checkpoint ended.
+    fn checkpointed(&mut self, result: Result<(), StorageError>) {
+        match result {
+            Ok(()) => self.other_free = true,
+            Err(e) => {
+                metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                tracing::error!(error = %e, "storage checkpoint failed; the log keeps the writes");
+            }
+        }
+    }
+
+    /// Before the writer stops: redb durably holds everything logged.
+    fn settle(&mut self) {
+        if let Some(wait) = self.checkpointing.take() {
+            let result = wait
+                .recv()
+                .map_err(|_| StorageError::Closed)
+                .and_then(|r| r);
+            self.checkpointed(result);
+        }
+        if !self.log.is_empty() || !self.other_free {
+            self.checkpoint_logged(true);
+        }
     }
 
     /// Makes one group durable (log append + sync) and visible (the overlay); returns the
@@ -580,7 +620,7 @@ impl Writer {
             self.log.frame(&payload, &mut self.framed);
         }
         if !self.log.fits(self.framed.len()) {
-            self.checkpoint()?;
+            self.checkpoint(false)?;
             self.last_checkpoint = Instant::now();
         }
         let first = self.seq + 1;
@@ -600,12 +640,13 @@ impl Writer {
         Ok(Some(encoded))
     }
 
-    /// Has the applier commit everything logged so far, plus `writes`, durably.
-    fn durable(
+    /// Has the applier commit everything logged so far, plus `writes`, durably (storing
+    /// `epoch` as the log's); returns where its answer comes.
+    fn request_durable(
         &mut self,
         writes: Vec<Arc<Encoded>>,
         epoch: Option<u64>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<std_mpsc::Receiver<Result<(), StorageError>>, StorageError> {
         let (done, wait) = std_mpsc::sync_channel(1);
         self.applier.push(Apply::Durable {
             writes,
@@ -613,15 +654,56 @@ impl Writer {
             epoch,
             done,
         })?;
+        Ok(wait)
+    }
+
+    /// As `request_durable`, and waits for it.
+    fn durable(
+        &mut self,
+        writes: Vec<Arc<Encoded>>,
+        epoch: Option<u64>,
+    ) -> Result<(), StorageError> {
+        let wait = self.request_durable(writes, epoch)?;
         wait.recv().map_err(|_| StorageError::Closed)?
     }
 
-    /// A durable redb commit of everything logged so far; the log then starts a new epoch.
-    fn checkpoint(&mut self) -> Result<(), StorageError> {
+    /// A checkpoint: the log goes on under the next epoch in its other file at once, and the
+    /// applier commits everything logged before it durably, storing that epoch. Waits for the
+    /// checkpoint before if it still runs (its commit frees the file the next epoch takes),
+    /// and for this one only when `wait`; when the one before failed, this one commits before
+    /// the log moves on.
+    fn checkpoint(&mut self, wait: bool) -> Result<(), StorageError> {
+        if let Some(previous) = self.checkpointing.take() {
+            let result = previous
+                .recv()
+                .map_err(|_| StorageError::Closed)
+                .and_then(|r| r);
+            self.checkpointed(result);
+        }
         let next = self.log.epoch() + 1;
-        self.durable(Vec::new(), Some(next))?;
+        if !self.other_free {
+            // The other file still holds writes redb may lack: commit them all first.
+            self.durable(Vec::new(), Some(next))?;
+            self.log.restart(next);
+            self.other_free = true;
+            return Ok(());
+        }
         self.log.restart(next);
-        Ok(())
+        self.other_free = false;
+        let done = self.request_durable(Vec::new(), Some(next))?;
+        if wait {
+            let result = done
+                .recv()
+                .map_err(|_| StorageError::Closed)
+                .and_then(|r| r);
+            if result.is_ok() {
+                self.other_free = true;
+            }
+            result
+        } else {
+            self.checkpointing = Some(done);
+            Ok(())
+        }
     }
 }
 
@@ -1156,7 +1238,9 @@ mod tests {
     }
 
     fn log_with(dir: &Path, epoch: u64, ops: &[WriteOp]) {
-        let (mut log, _) = wal::Wal::open(&dir.join(WAL_FILE), WAL_CAPACITY, epoch).unwrap();
+        let paths = WAL_FILES.map(|name| dir.join(name));
+        let (mut log, _) = wal::Wal::open([&paths[0], &paths[1]], WAL_CAPACITY, epoch).unwrap();
+        log.restart(epoch);
         let mut framed = Vec::new();
         for op in ops {
             let mut payload = Vec::new();
@@ -1217,6 +1301,110 @@ mod tests {
         );
         let store = EmbeddedStore::open(dir.path(), 64).unwrap();
         assert_eq!(store.get_lead("old").await.unwrap(), None);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_crash_during_a_checkpoint_replays_both_epochs_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path(), 64).unwrap();
+            store.close().await.unwrap();
+        }
+        // redb stores epoch 2. A checkpoint began: the log moved on to epoch 3 in the other
+        // file, and the process died before redb's commit of epoch 2 ended.
+        log_with(
+            dir.path(),
+            2,
+            &[
+                WriteOp::Insert(Arc::new(pending("A", Some(100))), None),
+                WriteOp::Insert(Arc::new(pending("B", Some(150))), None),
+                WriteOp::State("k".to_owned(), b"v2".to_vec()),
+            ],
+        );
+        log_with(
+            dir.path(),
+            3,
+            &[
+                WriteOp::Update(Arc::new(pending("A", Some(200)))),
+                WriteOp::Update(Arc::new(pending("B", None))),
+                WriteOp::State("k".to_owned(), b"v3".to_vec()),
+            ],
+        );
+        for _ in 0..2 {
+            // Epoch 3's writes land over epoch 2's, and stay once the store has moved on.
+            let store = EmbeddedStore::open(dir.path(), 64).unwrap();
+            let due = store.pending_due("acme-auto", 1_000, 10).await.unwrap();
+            assert_eq!(due, vec![pending("A", Some(200))]);
+            assert_eq!(store.get_lead("B").await.unwrap(), Some(pending("B", None)));
+            assert_eq!(store.get_state("k").await.unwrap(), Some(b"v3".to_vec()));
+            store.close().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_go_on_through_checkpoints_and_all_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || Options {
+            group_commit_max: 16,
+            checkpoint_every: Duration::from_millis(1),
+            apply_every: Duration::from_millis(1),
+            ..Options::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+        for round in 0..10 {
+            let writes = (0..20).map(|i| {
+                let id = format!("L{round:02}-{i:02}");
+                let store = &store;
+                async move {
+                    store
+                        .insert_lead(Arc::new(pending(&id, Some(1_000 + i))), None)
+                        .await
+                        .unwrap();
+                    store.update_lead(pending(&id, None)).await.unwrap();
+                    store.get_lead(&id).await.unwrap()
+                }
+            });
+            for record in futures::future::join_all(writes).await {
+                assert_eq!(record.map(|r| r.next_retry_ms), Some(None));
+            }
+        }
+        // Every handle dropped without a close: the writer still leaves redb checkpointed.
+        drop(store);
+        let mut reopened = None;
+        for _ in 0..100 {
+            match EmbeddedStore::open_with(dir.path(), options()) {
+                Ok(store) => {
+                    reopened = Some(store);
+                    break;
+                }
+                // The old writer may still hold the database for a moment.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let store = reopened.expect("the store opens again");
+        let epoch = {
+            let txn = store.db().unwrap().begin_read().unwrap();
+            let state = txn.open_table(STATE).unwrap();
+            let value = state.get(WAL_EPOCH).unwrap().unwrap();
+            u64::from_le_bytes(value.value().try_into().unwrap())
+        };
+        // Two opens move the epoch by 2 each; the rest are checkpoints taken while writing.
+        assert!(epoch >= 10, "only {} checkpoints", epoch - 4);
+        for round in 0..10 {
+            for i in 0..20 {
+                let id = format!("L{round:02}-{i:02}");
+                let record = store.get_lead(&id).await.unwrap();
+                assert_eq!(record, Some(pending(&id, None)), "{id}");
+            }
+        }
+        assert!(
+            store
+                .pending_due("acme-auto", i64::MAX, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         store.close().await.unwrap();
     }
 
