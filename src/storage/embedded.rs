@@ -555,10 +555,7 @@ impl Writer {
                     });
                 }
             }
-            if let Some(result) = self.checkpointing.as_ref().and_then(|c| c.try_recv().ok()) {
-                self.checkpointing = None;
-                self.checkpointed(result);
-            }
+            self.finish_checkpoint(false);
             if closing.is_some() {
                 self.settle();
             } else if self.last_checkpoint.elapsed() >= checkpoint_every && !self.log.is_empty() {
@@ -576,8 +573,22 @@ impl Writer {
         self.last_checkpoint = Instant::now();
     }
 
-    /// Notes how a checkpoint ended.
-    fn checkpointed(&mut self, result: Result<(), StorageError>) {
+    /// Takes the answer of the checkpoint in progress, if it has come (with `block`, once it
+    /// comes): its success frees the log's other file, its failure is reported.
+    fn finish_checkpoint(&mut self, block: bool) {
+        let Some(wait) = &self.checkpointing else {
+            return;
+        };
+        let result = if block {
+            wait.recv().unwrap_or(Err(StorageError::Closed))
+        } else {
+            match wait.try_recv() {
+                Ok(result) => result,
+                Err(std_mpsc::TryRecvError::Empty) => return,
+                Err(std_mpsc::TryRecvError::Disconnected) => Err(StorageError::Closed),
+            }
+        };
+        self.checkpointing = None;
         match result {
             Ok(()) => self.other_free = true,
             Err(e) => {
@@ -589,13 +600,7 @@ impl Writer {
 
     /// Before the writer stops: redb durably holds everything logged.
     fn settle(&mut self) {
-        if let Some(wait) = self.checkpointing.take() {
-            let result = wait
-                .recv()
-                .map_err(|_| StorageError::Closed)
-                .and_then(|r| r);
-            self.checkpointed(result);
-        }
+        self.finish_checkpoint(true);
         if !self.log.is_empty() || !self.other_free {
             self.checkpoint_logged(true);
         }
@@ -664,7 +669,7 @@ impl Writer {
         epoch: Option<u64>,
     ) -> Result<(), StorageError> {
         let wait = self.request_durable(writes, epoch)?;
-        wait.recv().map_err(|_| StorageError::Closed)?
+        wait.recv().unwrap_or(Err(StorageError::Closed))
     }
 
     /// A checkpoint: the log goes on under the next epoch in its other file at once, and the
@@ -673,13 +678,7 @@ impl Writer {
     /// and for this one only when `wait`; when the one before failed, this one commits before
     /// the log moves on.
     fn checkpoint(&mut self, wait: bool) -> Result<(), StorageError> {
-        if let Some(previous) = self.checkpointing.take() {
-            let result = previous
-                .recv()
-                .map_err(|_| StorageError::Closed)
-                .and_then(|r| r);
-            self.checkpointed(result);
-        }
+        self.finish_checkpoint(true);
         let next = self.log.epoch() + 1;
         if !self.other_free {
             // The other file still holds writes redb may lack: commit them all first.
@@ -690,20 +689,11 @@ impl Writer {
         }
         self.log.restart(next);
         self.other_free = false;
-        let done = self.request_durable(Vec::new(), Some(next))?;
+        self.checkpointing = Some(self.request_durable(Vec::new(), Some(next))?);
         if wait {
-            let result = done
-                .recv()
-                .map_err(|_| StorageError::Closed)
-                .and_then(|r| r);
-            if result.is_ok() {
-                self.other_free = true;
-            }
-            result
-        } else {
-            self.checkpointing = Some(done);
-            Ok(())
+            self.finish_checkpoint(true);
         }
+        Ok(())
     }
 }
 
