@@ -16,7 +16,8 @@
 # folder of CARGO_TARGET_DIR or target), OUT (folder kept for the results),
 # STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
-# default info as in production).
+# default info as in production), and the embedded store's settings CHECKPOINT_MS, APPLY_MS,
+# LINGER_US and CACHE_MIB (default: the README's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -126,6 +127,7 @@ backend = "embedded"
 path = "$data_dir"
 checkpoint_ms = ${CHECKPOINT_MS:-1000}
 apply_ms = ${APPLY_MS:-20}
+cache_mib = ${CACHE_MIB:-64}
 linger_us = ${LINGER_US:-1000}
 
 [rate_limit]
