@@ -17,7 +17,10 @@
 # STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
 # default info as in production), and the embedded store's settings CHECKPOINT_MS, APPLY_MS,
-# LINGER_US and CACHE_MIB (default: the README's).
+# LINGER_US and CACHE_MIB (default: the README's). SYNC_BASELINE=1 also runs the baseline with
+# `--sync-dir` (each outcome fdatasync'd before its answer, group commit) at RATES and in the
+# closed loop, in the same folder as leadex's data: the least any durable exchange pays on
+# this disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +31,13 @@ WARMUP="${WARMUP:-3}"
 KEYS="${KEYS:-50}"
 CLOSED="${CLOSED:-64}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
+SYNC_BASELINE="${SYNC_BASELINE:-0}"
 LEADEX_PORT="${LEADEX_PORT:-18080}"
 FAST_BASE_PORT=19100
 SLOW_BASE_PORT=19110
 BASELINE_FAST_PORT=18091
 BASELINE_SLOW_PORT=18092
+BASELINE_SYNC_PORT=18093
 PING_TIMEOUT_MS=300
 POST_TIMEOUT_MS=1000
 SLO_P99_MS=$((PING_TIMEOUT_MS + 50))
@@ -57,7 +62,7 @@ cleanup() {
   for pid in "${pids[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
-  rm -rf "$data_dir" "$work/leadex.toml"
+  rm -rf "$data_dir" "${sync_dir:-}" "$work/leadex.toml"
   # leadex logs two lines per lead at info (hundreds of MB per run): keep the end only.
   if [ -f "$out/leadex.log" ]; then
     tail -n 2000 "$out/leadex.log" >"$out/leadex.log.tail" 2>/dev/null || true
@@ -196,6 +201,14 @@ done
 leadex_pid="${pids[10]}"
 baseline_fast_pid="${pids[11]}"
 baseline_slow_pid="${pids[12]}"
+if [ "$SYNC_BASELINE" = 1 ]; then
+  sync_dir="$(mktemp -d -p "$(dirname "$data_dir")" baseline-sync-XXXXXX)"
+  start "$out/baseline-sync.log" "$bin/fanout-baseline" --listen "127.0.0.1:$BASELINE_SYNC_PORT" \
+    --buyers "$(IFS=,; echo "${fast_urls[*]}")" --ping-timeout-ms "$PING_TIMEOUT_MS" \
+    --post-timeout-ms "$POST_TIMEOUT_MS" --sync-dir "$sync_dir"
+  wait_port "$BASELINE_SYNC_PORT"
+  baseline_sync_pid="${pids[13]}"
+fi
 
 ticks_per_sec="$(getconf CLK_TCK)"
 # CPU time (user + system, clock ticks) a process has used so far.
@@ -232,12 +245,18 @@ echo "### buyers answering in 0 ms (overhead = answer time)"
 for rate in $RATES; do
   drive "leadex/0ms/$rate" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate "$rate"
   drive "baseline/0ms/$rate" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate "$rate"
+  if [ "$SYNC_BASELINE" = 1 ]; then
+    drive "baseline+sync/0ms/$rate" "$BASELINE_SYNC_PORT" "$baseline_sync_pid" "Auto Insurance" --rate "$rate"
+  fi
 done
 if [ "$CLOSED" -gt 0 ]; then
   echo
   echo "### saturation: closed loop, $CLOSED senders, buyers answering in 0 ms"
   drive "leadex/0ms/closed$CLOSED" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
   drive "baseline/0ms/closed$CLOSED" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+  if [ "$SYNC_BASELINE" = 1 ]; then
+    drive "baseline+sync/0ms/closed$CLOSED" "$BASELINE_SYNC_PORT" "$baseline_sync_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+  fi
 fi
 
 echo
@@ -247,9 +266,9 @@ for rate in $SLOW_RATES; do
   drive "baseline/20-80ms/$rate" "$BASELINE_SLOW_PORT" "$baseline_slow_pid" "Home Insurance" --rate "$rate"
 done
 
-echo
-echo "### leadex / baseline (same run, same buyers)"
-awk -F'\t' '
+# leadex against one of the baselines ($1: its label), rate by rate.
+compare() {
+awk -F'\t' -v ref="$1" '
   FNR == NR { cpu[$1] = $2; next }
   FNR == 1 { next }
   {
@@ -262,10 +281,20 @@ awk -F'\t' '
     printf "%-18s %10s %10s %6s %9s %9s %9s %9s %8s %8s %6s\n", "buyers/rate", "leadex/s", "base/s", "ratio", "p50 ms", "base p50", "p99 ms", "base p99", "us/lead", "base us", "ratio"
     for (i = 1; i <= n; i++) {
       k = order[i]
-      if (!(("leadex", k) in ach) || !(("baseline", k) in ach)) continue
-      r = ach["baseline", k] > 0 ? ach["leadex", k] / ach["baseline", k] : 0
-      cl = cpu["leadex/" k]; cb = cpu["baseline/" k]
+      if (!(("leadex", k) in ach) || !((ref, k) in ach)) continue
+      r = ach[ref, k] > 0 ? ach["leadex", k] / ach[ref, k] : 0
+      cl = cpu["leadex/" k]; cb = cpu[ref "/" k]
       cr = cb > 0 ? cl / cb : 0
-      printf "%-18s %10.1f %10.1f %6.2f %9.2f %9.2f %9.2f %9.2f %8d %8d %6.2f\n", k, ach["leadex", k], ach["baseline", k], r, p50["leadex", k], p50["baseline", k], p99["leadex", k], p99["baseline", k], cl, cb, cr
+      printf "%-18s %10.1f %10.1f %6.2f %9.2f %9.2f %9.2f %9.2f %8d %8d %6.2f\n", k, ach["leadex", k], ach[ref, k], r, p50["leadex", k], p50[ref, k], p99["leadex", k], p99[ref, k], cl, cb, cr
     }
   }' "$cpu" "$summary"
+}
+
+echo
+echo "### leadex / baseline (same run, same buyers)"
+compare baseline
+if [ "$SYNC_BASELINE" = 1 ]; then
+  echo
+  echo "### leadex / baseline+sync (the baseline with each outcome fdatasync'd before its answer)"
+  compare baseline+sync
+fi

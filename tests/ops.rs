@@ -1398,3 +1398,63 @@ async fn debug_json_logs_carry_request_and_lead_ids_and_no_personal_field() {
         );
     }
 }
+
+/// The load runs' durable baseline (`fanout-baseline --sync-dir`) answers a lead only once its
+/// outcome is in the log file: after three sales the file holds three records, each the lead
+/// and the answer the driver got.
+#[actix_web::test]
+async fn the_durable_baseline_answers_what_its_log_holds() {
+    let buyer = sim_with(Behaviour::default());
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = dir.path().join("stdout.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_fanout-baseline"))
+        .args(["--listen", "127.0.0.1:0", "--buyers"])
+        .arg(buyer.url(""))
+        .arg("--sync-dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fanout-baseline starts");
+    let mut process = Guard(Some(child));
+    let until = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let text = std::fs::read_to_string(&stdout).unwrap_or_default();
+        if let Some(addr) = text.lines().find_map(listening_addr) {
+            break addr;
+        }
+        if let Some(status) = process.exited() {
+            panic!("fanout-baseline exited at start-up ({status}):\n{text}");
+        }
+        assert!(Instant::now() < until, "fanout-baseline did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = http();
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let mut body = lead();
+        body["email"] = json!(format!("lead{i}@email.com"));
+        let (status, answer) = post_lead(&client, &format!("http://{addr}"), &body)
+            .await
+            .unwrap();
+        assert_eq!((status, answer["status"].as_str()), (200, Some("sold")));
+        answers.push((body, answer));
+    }
+    let log = std::fs::read(dir.path().join("outcomes.log")).unwrap();
+    let mut records = Vec::new();
+    let mut at = 0;
+    loop {
+        let len = u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        records.push(serde_json::from_slice::<Value>(&log[at + 4..at + 4 + len]).unwrap());
+        at += 4 + len;
+    }
+    let expected: Vec<Value> = answers
+        .into_iter()
+        .map(|(lead, outcome)| json!({ "lead": lead, "outcome": outcome }))
+        .collect();
+    assert_eq!(records, expected);
+}

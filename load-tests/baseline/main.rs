@@ -2,7 +2,16 @@
 //! the lead, ping every buyer at once, pick the best bid, post to it, answer. No auth,
 //! validation, storage, limiter or metrics. `load-tests/run.sh` drives it beside leadex so
 //! every leadex figure is also a ratio to what this machine allows.
+//!
+//! With `--sync-dir` it also keeps each outcome durably before answering, the least a store
+//! can do: one thread appends every waiting outcome to a zero-filled file with one `pwrite`
+//! and one `fdatasync`, then answers them all (group commit). What that adds to the answer
+//! time is this machine's disk, which leadex's durable answers pay too.
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -36,6 +45,61 @@ struct Args {
     /// HTTP worker threads (leadex uses one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Keep each outcome durably in a file in this folder before answering.
+    #[arg(long)]
+    sync_dir: Option<PathBuf>,
+}
+
+/// Size of the outcome file; appends wrap around to its start when full.
+const LOG_BYTES: u64 = 64 << 20;
+
+type Durable = (Vec<u8>, tokio::sync::oneshot::Sender<()>);
+
+/// Starts the thread that makes outcomes durable in `dir`, and returns where to send them.
+fn start_log(dir: &Path) -> std::io::Result<mpsc::Sender<Durable>> {
+    let path = dir.join("outcomes.log");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    // Zero-filled to its full size, so a sync writes data blocks only.
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < LOG_BYTES {
+        file.write_all_at(&zeros, at)?;
+        at += zeros.len() as u64;
+    }
+    file.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    let (tx, rx) = mpsc::channel::<Durable>();
+    std::thread::Builder::new()
+        .name("outcome-log".into())
+        .spawn(move || {
+            let mut pos = 0u64;
+            let mut group = Vec::new();
+            let mut waiting = Vec::new();
+            while let Ok(first) = rx.recv() {
+                group.clear();
+                for (record, done) in std::iter::once(first).chain(rx.try_iter()) {
+                    group.extend_from_slice(&(record.len() as u32).to_le_bytes());
+                    group.extend_from_slice(&record);
+                    waiting.push(done);
+                }
+                if pos + group.len() as u64 > LOG_BYTES {
+                    pos = 0;
+                }
+                file.write_all_at(&group, pos)
+                    .and_then(|()| file.sync_data())
+                    .expect("outcome log write");
+                pos += group.len() as u64;
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 struct Shared {
@@ -44,6 +108,22 @@ struct Shared {
     posts: Vec<String>,
     ping_timeout: Duration,
     post_timeout: Duration,
+    log: Option<mpsc::Sender<Durable>>,
+}
+
+impl Shared {
+    /// Answers `outcome`, once it is durable when there is a log.
+    async fn answer(&self, lead: &Value, outcome: Value) -> HttpResponse {
+        if let Some(log) = &self.log {
+            let record = serde_json::to_vec(&json!({ "lead": lead, "outcome": &outcome }))
+                .expect("serialises");
+            let (done, stored) = tokio::sync::oneshot::channel();
+            if log.send((record, done)).is_err() || stored.await.is_err() {
+                return HttpResponse::InternalServerError().finish();
+            }
+        }
+        HttpResponse::Ok().json(outcome)
+    }
 }
 
 async fn submit(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
@@ -74,7 +154,9 @@ async fn submit(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
             _ => Some((i, b)),
         });
     let Some((winner, price)) = best else {
-        return HttpResponse::Ok().json(json!({"success": true, "status": "pending"}));
+        return shared
+            .answer(&lead, json!({"success": true, "status": "pending"}))
+            .await;
     };
     let post = serde_json::to_vec(&json!({ "price": price, "lead": &lead })).expect("serialises");
     let accepted = async {
@@ -94,12 +176,12 @@ async fn submit(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
     }
     .await
     .unwrap_or(false);
-    if accepted {
-        HttpResponse::Ok()
-            .json(json!({"success": true, "status": "sold", "price": price, "buyer_ids": [winner]}))
+    let outcome = if accepted {
+        json!({"success": true, "status": "sold", "price": price, "buyer_ids": [winner]})
     } else {
-        HttpResponse::Ok().json(json!({"success": true, "status": "pending"}))
-    }
+        json!({"success": true, "status": "pending"})
+    };
+    shared.answer(&lead, outcome).await
 }
 
 fn main() -> std::io::Result<()> {
@@ -109,6 +191,7 @@ fn main() -> std::io::Result<()> {
     } else {
         args.workers
     };
+    let log = args.sync_dir.as_deref().map(start_log).transpose()?;
     actix_rt::System::new().block_on(async move {
         let factory_args = args.clone();
         let server = HttpServer::new(move || {
@@ -130,6 +213,7 @@ fn main() -> std::io::Result<()> {
                     .collect(),
                 ping_timeout: Duration::from_millis(factory_args.ping_timeout_ms),
                 post_timeout: Duration::from_millis(factory_args.post_timeout_ms),
+                log: log.clone(),
             };
             App::new()
                 .app_data(web::Data::new(shared))
