@@ -52,6 +52,27 @@ impl Guard {
             .expect("try_wait")
     }
 
+    /// Waits (at most 20 s) for the line with `marker` in the process's `log` and returns the
+    /// address it names; panics if the process exits first.
+    async fn listening(&mut self, log: &Path, marker: &str) -> SocketAddr {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find(|l| l.contains(marker))
+                .and_then(listening_addr)
+            {
+                return addr;
+            }
+            if let Some(status) = self.exited() {
+                panic!("exited at start-up ({status}):\n{text}");
+            }
+            assert!(Instant::now() < until, "did not start:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits (at most `limit`) for the process to exit.
     async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let until = Instant::now() + limit;
@@ -104,22 +125,7 @@ impl Exchange {
             .spawn()
             .expect("leadex binary starts");
         let mut process = Guard(Some(child));
-        let until = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find(|l| l.contains("leadex listening"))
-                .and_then(listening_addr)
-            {
-                break addr;
-            }
-            if let Some(status) = process.exited() {
-                panic!("leadex exited at start-up ({status}):\n{text}");
-            }
-            assert!(Instant::now() < until, "leadex did not start:\n{text}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let addr = process.listening(&log, "leadex listening").await;
         Exchange {
             process,
             addr,
@@ -1418,18 +1424,9 @@ async fn the_durable_baseline_answers_what_its_log_holds() {
         .spawn()
         .expect("fanout-baseline starts");
     let mut process = Guard(Some(child));
-    let until = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        let text = std::fs::read_to_string(&stdout).unwrap_or_default();
-        if let Some(addr) = text.lines().find_map(listening_addr) {
-            break addr;
-        }
-        if let Some(status) = process.exited() {
-            panic!("fanout-baseline exited at start-up ({status}):\n{text}");
-        }
-        assert!(Instant::now() < until, "fanout-baseline did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let addr = process
+        .listening(&stdout, "fanout-baseline listening")
+        .await;
     let client = http();
     let mut answers = Vec::new();
     for i in 0..3 {
