@@ -17,7 +17,7 @@
 # STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
 # default info as in production), and the embedded store's settings CHECKPOINT_MS, APPLY_MS,
-# LINGER_US and CACHE_MIB (default: the README's). SYNC_BASELINE=1 also runs the baseline with
+# LINGER_US, CACHE_MIB and IDLE_APPLY (default: the README's). SYNC_BASELINE=1 also runs the baseline with
 # `--sync-dir` (each outcome fdatasync'd before its answer, group commit) at RATES and in the
 # closed loop, in the same folder as leadex's data: the least any durable exchange pays on
 # this disk.
@@ -134,6 +134,7 @@ checkpoint_ms = ${CHECKPOINT_MS:-1000}
 apply_ms = ${APPLY_MS:-20}
 cache_mib = ${CACHE_MIB:-64}
 linger_us = ${LINGER_US:-1000}
+idle_apply = ${IDLE_APPLY:-true}
 
 [rate_limit]
 requests = 100000000

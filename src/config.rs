@@ -119,6 +119,10 @@ pub struct StorageConfig {
     /// more before each log sync; 0 never waits.
     #[serde(default = "default_linger_us")]
     pub linger_us: u64,
+    /// `embedded`: below 3,000 writes/s, the applier uses only idle CPU time (`SCHED_IDLE`),
+    /// where the process may return a thread to normal priority.
+    #[serde(default = "default_true")]
+    pub idle_apply: bool,
     /// `scylla`: contact points, `host:port`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -174,6 +178,7 @@ impl Default for StorageConfig {
             cache_mib: default_cache_mib(),
             apply_ms: default_apply_ms(),
             linger_us: default_linger_us(),
+            idle_apply: true,
             nodes: Vec::new(),
             keyspace: default_keyspace(),
             replication_factor: None,

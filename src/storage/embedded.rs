@@ -18,8 +18,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -28,8 +29,8 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
-use super::wal;
 use super::{IDEMPOTENCY_TTL_MS, IdempotentAnswer, LeadRecord, LeadStore, StorageError, day_of};
+use super::{priority, wal};
 use crate::telemetry;
 
 const LEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("leads");
@@ -66,6 +67,13 @@ const RATE_WINDOW: Duration = Duration::from_millis(10);
 const APPLY_MAX: usize = 1024;
 /// Logged writes the writer may queue for the applier before it waits (bounds the overlay).
 const APPLY_BACKLOG: usize = 16 * APPLY_MAX;
+/// How soon the writer tries again to hand the applier what it could not (see `push_all`).
+const HAND_OFF_RETRY: Duration = Duration::from_millis(1);
+/// An idle-priority applier that waited this long past its batch's time, or took this long
+/// over a batch, is starved (every core busy with other work); a batch takes about 1 ms.
+const IDLE_STARVED: Duration = Duration::from_millis(50);
+/// How long the applier stays at normal priority after it starved at idle priority.
+const IDLE_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 enum WriteOp {
@@ -106,6 +114,9 @@ struct ApplyQueue {
     state: std::sync::Mutex<ApplyState>,
     ready: std::sync::Condvar,
     room: std::sync::Condvar,
+    /// Writes come faster than `LINGER_RATE` (the writer's measure): the applier then runs at
+    /// normal priority.
+    busy: AtomicBool,
 }
 
 #[derive(Default)]
@@ -125,19 +136,35 @@ impl ApplyQueue {
         self.state.lock().expect("apply queue lock")
     }
 
-    fn push(&self, item: Apply) -> Result<(), StorageError> {
-        let mut state = self.lock();
+    /// Queues `items` in order, emptying it; waits while `APPLY_BACKLOG` writes are queued.
+    /// Without `wait`, leaves them (for a later call) when the applier holds the lock: it may
+    /// hold it at idle priority, and the writer must not wait for a core to come free.
+    fn push_all(&self, items: &mut Vec<Apply>, wait: bool) -> Result<(), StorageError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut state = if wait {
+            self.lock()
+        } else {
+            match self.state.try_lock() {
+                Ok(state) => state,
+                Err(TryLockError::WouldBlock) => return Ok(()),
+                Err(TryLockError::Poisoned(_)) => panic!("apply queue lock poisoned"),
+            }
+        };
         while state.writes >= APPLY_BACKLOG && !state.closed {
             state = self.room.wait(state).expect("apply queue lock");
         }
         if state.closed {
             return Err(StorageError::Closed);
         }
-        match &item {
-            Apply::Logged { writes, .. } => state.writes += writes.len(),
-            Apply::Durable { .. } => state.urgent = true,
+        for item in items.drain(..) {
+            match &item {
+                Apply::Logged { writes, .. } => state.writes += writes.len(),
+                Apply::Durable { .. } => state.urgent = true,
+            }
+            state.items.push_back(item);
         }
-        state.items.push_back(item);
         if state.idle || state.urgent || state.writes >= APPLY_MAX {
             state.idle = false;
             self.ready.notify_one();
@@ -250,6 +277,9 @@ pub struct EmbeddedStore {
     db: RwLock<Option<Arc<Database>>>,
     writer: std::sync::Mutex<Option<std_mpsc::Sender<Job>>>,
     overlay: Arc<RwLock<Overlay>>,
+    /// The writer's hand-off to the applier (tests hold its lock as the applier does).
+    #[cfg(test)]
+    queue: Arc<ApplyQueue>,
 }
 
 /// Tuning of the embedded store (`[storage]` of the config).
@@ -266,6 +296,9 @@ pub struct Options {
     /// While writes come faster than 3,000 a second, how long the writer waits for more
     /// before each log sync (zero: never), so a sync carries more of them.
     pub linger: Duration,
+    /// Below that rate, the applier runs in the machine's idle time (`SCHED_IDLE`), where the
+    /// process may bring a thread back to normal priority (see `IdleApply`).
+    pub idle_apply: bool,
 }
 
 impl Default for Options {
@@ -276,6 +309,7 @@ impl Default for Options {
             cache_bytes: CACHE_BYTES,
             apply_every: APPLY_EVERY,
             linger: LINGER,
+            idle_apply: true,
         }
     }
 }
@@ -345,7 +379,15 @@ impl EmbeddedStore {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name("leadex-store-applier".into())
-                .spawn(move || applier_loop(&db, &queue, &overlay, options.apply_every))
+                .spawn(move || {
+                    applier_loop(
+                        &db,
+                        &queue,
+                        &overlay,
+                        options.apply_every,
+                        options.idle_apply,
+                    )
+                })
                 .map_err(backend)?
         };
         let writer = Writer {
@@ -357,7 +399,10 @@ impl EmbeddedStore {
             last_checkpoint: Instant::now(),
             checkpointing: None,
             other_free: true,
+            unpushed: Vec::new(),
         };
+        #[cfg(test)]
+        let test_queue = queue.clone();
         let max = options.group_commit_max.max(1);
         let checkpoint_every = options.checkpoint_every;
         let linger = options.linger;
@@ -377,6 +422,8 @@ impl EmbeddedStore {
             db: RwLock::new(Some(db)),
             writer: std::sync::Mutex::new(Some(tx)),
             overlay,
+            #[cfg(test)]
+            queue: test_queue,
         };
         store.sweep_idempotency(crate::clock::now_ms())?;
         Ok(store)
@@ -470,6 +517,8 @@ struct Writer {
     /// Whether redb durably holds every write in the log's other file (the previous epoch's),
     /// which the next epoch writes over.
     other_free: bool,
+    /// Hand-offs to the applier not made yet, in order (`ApplyQueue::push_all`).
+    unpushed: Vec<Apply>,
 }
 
 impl Writer {
@@ -486,11 +535,20 @@ impl Writer {
         // Arrival rate over the last `RATE_WINDOW`: writes, since when, and above LINGER_RATE.
         let (mut arrived, mut window, mut busy) = (0usize, Instant::now(), false);
         while closing.is_none() {
-            let first = if self.log.is_empty() {
-                rx.recv()
-                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+            let _ = self.applier.push_all(&mut self.unpushed, false);
+            let mut wait = if self.log.is_empty() {
+                None
             } else {
-                rx.recv_timeout(checkpoint_every.saturating_sub(self.last_checkpoint.elapsed()))
+                Some(checkpoint_every.saturating_sub(self.last_checkpoint.elapsed()))
+            };
+            if !self.unpushed.is_empty() {
+                wait = Some(wait.map_or(HAND_OFF_RETRY, |w| w.min(HAND_OFF_RETRY)));
+            }
+            let first = match wait {
+                None => rx
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+                Some(wait) => rx.recv_timeout(wait),
             };
             match first {
                 Ok(Job::Write(job)) => batch.push(job),
@@ -521,6 +579,7 @@ impl Writer {
             arrived += batch.len();
             if window.elapsed() >= RATE_WINDOW {
                 busy = arrived as f64 / window.elapsed().as_secs_f64() >= LINGER_RATE;
+                self.applier.busy.store(busy, Ordering::Relaxed);
                 (arrived, window) = (0, Instant::now());
             }
             if !batch.is_empty() {
@@ -549,10 +608,11 @@ impl Writer {
                 if let Some(writes) = logged {
                     // After the answers: the applier's queue is bounded, and waiting on it
                     // should hold up later groups, not this one.
-                    let _ = self.applier.push(Apply::Logged {
+                    self.unpushed.push(Apply::Logged {
                         writes,
                         seq: self.seq,
                     });
+                    let _ = self.applier.push_all(&mut self.unpushed, false);
                 }
             }
             self.finish_checkpoint(false);
@@ -580,7 +640,10 @@ impl Writer {
             return;
         };
         let result = if block {
-            wait.recv().unwrap_or(Err(StorageError::Closed))
+            match self.applier.push_all(&mut self.unpushed, true) {
+                Ok(()) => wait.recv().unwrap_or(Err(StorageError::Closed)),
+                Err(e) => Err(e),
+            }
         } else {
             match wait.try_recv() {
                 Ok(result) => result,
@@ -653,12 +716,15 @@ impl Writer {
         epoch: Option<u64>,
     ) -> Result<std_mpsc::Receiver<Result<(), StorageError>>, StorageError> {
         let (done, wait) = std_mpsc::sync_channel(1);
-        self.applier.push(Apply::Durable {
+        self.unpushed.push(Apply::Durable {
             writes,
             seq: self.seq,
             epoch,
             done,
-        })?;
+        });
+        // Handed over now or within `HAND_OFF_RETRY`; whoever waits for the answer hands it
+        // over first (`durable`, `finish_checkpoint`).
+        self.applier.push_all(&mut self.unpushed, false)?;
         Ok(wait)
     }
 
@@ -669,6 +735,7 @@ impl Writer {
         epoch: Option<u64>,
     ) -> Result<(), StorageError> {
         let wait = self.request_durable(writes, epoch)?;
+        self.applier.push_all(&mut self.unpushed, true)?;
         wait.recv().unwrap_or(Err(StorageError::Closed))
     }
 
@@ -697,13 +764,89 @@ impl Writer {
     }
 }
 
+/// The applier's scheduling class (see `priority`). Its batches are CPU no answer waits for;
+/// at normal priority each one, and each wake-up for one, took a core from an HTTP worker or
+/// a buyer about fifty times a second, which showed in the answer time's p99. In `SCHED_IDLE`
+/// it runs only on a core nothing else wants, and a thread that wakes takes the core back at
+/// once. It is idle only while writes come slower than `LINGER_RATE` (faster, it needs its
+/// share of the CPU to keep up), never for a durable commit or while it holds the overlay's
+/// lock (the writer's `push_all` does not wait on the queue's), and not for `IDLE_BACKOFF`
+/// after it starved.
+struct IdleApply {
+    /// The process may bring a thread back from `SCHED_IDLE`, and the setting asks for it.
+    enabled: bool,
+    /// In `SCHED_IDLE` now.
+    idle: bool,
+    normal_until: Option<Instant>,
+}
+
+impl IdleApply {
+    fn new(enabled: bool) -> IdleApply {
+        IdleApply {
+            enabled,
+            idle: false,
+            normal_until: None,
+        }
+    }
+
+    /// Idle priority while writes come slowly, unless backing off; normal otherwise.
+    fn settle(&mut self, busy: bool) {
+        let backing_off = self
+            .normal_until
+            .is_some_and(|until| Instant::now() < until);
+        if !backing_off {
+            self.normal_until = None;
+        }
+        if self.enabled && !busy && !backing_off {
+            if !self.idle {
+                self.idle = priority::enter_idle();
+            }
+        } else {
+            self.normal();
+        }
+    }
+
+    /// Normal priority (before a lock the writer takes, or a durable commit).
+    fn normal(&mut self) {
+        if self.idle {
+            self.idle = false;
+            if !priority::leave_idle() {
+                // Not expected after the probe: never enter idle priority again.
+                self.enabled = false;
+                tracing::error!("the store's applier could not return to normal priority");
+            }
+        }
+    }
+
+    /// After `waited` past its time (or over a batch): normal priority for a while if it was
+    /// idle and starved.
+    fn check(&mut self, waited: Duration) {
+        if self.idle && waited >= IDLE_STARVED {
+            self.normal_until = Some(Instant::now() + IDLE_BACKOFF);
+            self.normal();
+            tracing::debug!(
+                waited_ms = waited.as_millis() as u64,
+                "store applier starved at idle priority; normal priority for a while"
+            );
+        }
+    }
+}
+
 /// Applies logged writes to redb in batches until the writer goes away.
-fn applier_loop(db: &Database, queue: &ApplyQueue, overlay: &RwLock<Overlay>, every: Duration) {
+fn applier_loop(
+    db: &Database,
+    queue: &ApplyQueue,
+    overlay: &RwLock<Overlay>,
+    every: Duration,
+    idle_apply: bool,
+) {
     let mut queued: Vec<Arc<Encoded>> = Vec::new();
     let mut through = 0u64;
     // When the oldest write in `queued` came (or a failed apply is to be tried again).
     let mut since: Option<Instant> = None;
-    let flush = |queued: &mut Vec<Arc<Encoded>>,
+    let mut idle = IdleApply::new(idle_apply && priority::idle_is_reversible());
+    let flush = |idle: &mut IdleApply,
+                 queued: &mut Vec<Arc<Encoded>>,
                  through: u64,
                  epoch: Option<u64>,
                  durability: Durability|
@@ -712,7 +855,11 @@ fn applier_loop(db: &Database, queue: &ApplyQueue, overlay: &RwLock<Overlay>, ev
             return Ok(());
         }
         let started = Instant::now();
-        apply(db, queued, epoch, durability, false)?;
+        let applied = apply(db, queued, epoch, durability, false);
+        idle.check(started.elapsed());
+        // The writer takes the overlay's lock for every group: never held at idle priority.
+        idle.normal();
+        applied?;
         let left = {
             let mut overlay = overlay.write().expect("overlay lock");
             overlay.applied(through);
@@ -725,7 +872,12 @@ fn applier_loop(db: &Database, queue: &ApplyQueue, overlay: &RwLock<Overlay>, ev
         Ok(())
     };
     loop {
-        let (items, closed) = queue.take(since.map(|at| at + every));
+        idle.settle(queue.busy.load(Ordering::Relaxed));
+        let due = since.map(|at| at + every);
+        let (items, closed) = queue.take(due);
+        if let Some(due) = due {
+            idle.check(due.elapsed());
+        }
         for item in items {
             match item {
                 Apply::Logged { writes, seq } => {
@@ -739,9 +891,10 @@ fn applier_loop(db: &Database, queue: &ApplyQueue, overlay: &RwLock<Overlay>, ev
                     epoch,
                     done,
                 } => {
+                    idle.normal();
                     let before = queued.len();
                     queued.extend(writes);
-                    let result = flush(&mut queued, seq, epoch, Durability::Immediate);
+                    let result = flush(&mut idle, &mut queued, seq, epoch, Durability::Immediate);
                     match &result {
                         Ok(()) => {
                             through = seq;
@@ -756,7 +909,7 @@ fn applier_loop(db: &Database, queue: &ApplyQueue, overlay: &RwLock<Overlay>, ev
         }
         let due = since.is_some_and(|at| at.elapsed() >= every);
         if !queued.is_empty() && (due || closed || queued.len() >= APPLY_MAX) {
-            match flush(&mut queued, through, None, Durability::None) {
+            match flush(&mut idle, &mut queued, through, None, Durability::None) {
                 Ok(()) => since = None,
                 Err(e) => {
                     // Kept in the overlay and the log; tried again after `every`.
@@ -1511,6 +1664,88 @@ mod tests {
         let store = unapplied(dir.path());
         assert!(in_table(&store, "D"));
         check(store, answer).await;
+    }
+
+    #[test]
+    fn the_applier_is_idle_only_while_writes_come_slowly_and_it_does_not_starve() {
+        // On a thread of its own: it changes its scheduling class.
+        std::thread::spawn(|| {
+            let mut off = IdleApply::new(false);
+            off.settle(false);
+            assert!(!off.idle && !priority::is_idle(), "disabled: never idle");
+            let mut idle = IdleApply::new(priority::idle_is_reversible());
+            if !idle.enabled {
+                // Where a thread could not come back from idle priority it never goes there.
+                idle.settle(false);
+                assert!(!priority::is_idle());
+                return;
+            }
+            idle.settle(false);
+            assert!(idle.idle && priority::is_idle(), "slow writes: idle");
+            idle.settle(true);
+            assert!(!idle.idle && !priority::is_idle(), "fast writes: normal");
+            idle.settle(false);
+            idle.check(Duration::from_millis(1));
+            assert!(idle.idle, "a batch on time keeps it idle");
+            idle.normal();
+            assert!(!priority::is_idle(), "normal for the overlay's lock");
+            idle.settle(false);
+            idle.check(IDLE_STARVED);
+            assert!(
+                !idle.idle && !priority::is_idle(),
+                "starved: normal at once"
+            );
+            idle.settle(false);
+            assert!(!priority::is_idle(), "and for IDLE_BACKOFF");
+            idle.normal_until = Some(Instant::now());
+            idle.settle(false);
+            assert!(priority::is_idle(), "idle again once the backoff is over");
+            idle.normal();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_is_answered_while_the_applier_holds_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            checkpoint_every: Duration::from_secs(3600),
+            apply_every: Duration::from_millis(10),
+            ..Options::default()
+        };
+        let store = Arc::new(EmbeddedStore::open_with(dir.path(), options).unwrap());
+        // Another thread holds the queue's lock, as an applier at idle priority may while no
+        // core is free for it.
+        let (held_tx, held_rx) = std_mpsc::channel();
+        let (release_tx, release_rx) = std_mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _state = store.queue.lock();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv_timeout(Duration::from_secs(30));
+            })
+        };
+        held_rx.recv().unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            store.insert_lead(Arc::new(pending("A", Some(100))), None),
+        )
+        .await
+        .expect("answered without waiting for the queue")
+        .unwrap();
+        assert!(store.overlay().lead("A").is_some(), "readable at once");
+        assert!(!in_table(&store, "A"), "not handed over yet");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        // Handed over within HAND_OFF_RETRY, applied within the apply interval.
+        let started = Instant::now();
+        while !in_table(&store, "A") && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(in_table(&store, "A"));
+        store.close().await.unwrap();
     }
 
     #[tokio::test]

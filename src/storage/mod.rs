@@ -3,6 +3,7 @@
 //! once it is durable.
 
 pub mod embedded;
+mod priority;
 pub mod scylla;
 pub mod spill;
 mod wal;
@@ -184,6 +185,7 @@ pub async fn open(
                 cache_bytes: config.cache_mib.max(1) << 20,
                 apply_every: std::time::Duration::from_millis(config.apply_ms),
                 linger: std::time::Duration::from_micros(config.linger_us),
+                idle_apply: config.idle_apply,
             },
         )?),
     };
