@@ -232,7 +232,7 @@ fn describe() {
     describe_histogram!(
         STORAGE_APPLY_DURATION,
         Unit::Seconds,
-        "Embedded store: time of one batch of logged writes applied to its tables."
+        "Embedded store: time of one batch of logged writes applied to its tables (at idle priority, waits for a free core included)."
     );
     describe_gauge!(
         STORAGE_UNAPPLIED,
