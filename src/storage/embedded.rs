@@ -640,10 +640,9 @@ impl Writer {
             return;
         };
         let result = if block {
-            match self.applier.push_all(&mut self.unpushed, true) {
-                Ok(()) => wait.recv().unwrap_or(Err(StorageError::Closed)),
-                Err(e) => Err(e),
-            }
+            self.applier
+                .push_all(&mut self.unpushed, true)
+                .and_then(|()| wait.recv().unwrap_or(Err(StorageError::Closed)))
         } else {
             match wait.try_recv() {
                 Ok(result) => result,
@@ -1561,6 +1560,16 @@ mod tests {
         EmbeddedStore::open_with(dir, options).unwrap()
     }
 
+    /// A store that applies every 10 ms and never checkpoints on its own.
+    fn applying_every_10ms(dir: &Path) -> EmbeddedStore {
+        let options = Options {
+            checkpoint_every: Duration::from_secs(3600),
+            apply_every: Duration::from_millis(10),
+            ..Options::default()
+        };
+        EmbeddedStore::open_with(dir, options).unwrap()
+    }
+
     fn in_table(store: &EmbeddedStore, lead_id: &str) -> bool {
         let txn = store.db().unwrap().begin_read().unwrap();
         let leads = txn.open_table(LEADS).unwrap();
@@ -1709,12 +1718,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_is_answered_while_the_applier_holds_the_queue() {
         let dir = tempfile::tempdir().unwrap();
-        let options = Options {
-            checkpoint_every: Duration::from_secs(3600),
-            apply_every: Duration::from_millis(10),
-            ..Options::default()
-        };
-        let store = Arc::new(EmbeddedStore::open_with(dir.path(), options).unwrap());
+        let store = Arc::new(applying_every_10ms(dir.path()));
         // Another thread holds the queue's lock, as an applier at idle priority may while no
         // core is free for it.
         let (held_tx, held_rx) = std_mpsc::channel();
@@ -1751,12 +1755,7 @@ mod tests {
     #[tokio::test]
     async fn logged_writes_reach_the_tables_within_the_apply_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let options = Options {
-            checkpoint_every: Duration::from_secs(3600),
-            apply_every: Duration::from_millis(10),
-            ..Options::default()
-        };
-        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        let store = applying_every_10ms(dir.path());
         store
             .insert_lead(Arc::new(pending("A", Some(100))), None)
             .await
