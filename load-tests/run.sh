@@ -17,7 +17,7 @@
 # STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
 # default info as in production), and the embedded store's settings CHECKPOINT_MS, APPLY_MS,
-# LINGER_US, CACHE_MIB and IDLE_APPLY (default: the README's). SYNC_BASELINE=1 also runs the baseline with
+# LINGER_US, CACHE_MIB and IDLE_APPLY, and WORKERS (HTTP workers; default: the README's). SYNC_BASELINE=1 also runs the baseline with
 # `--sync-dir` (each outcome fdatasync'd before its answer, group commit) at RATES and in the
 # closed loop, in the same folder as leadex's data: the least any durable exchange pays on
 # this disk.
@@ -63,7 +63,7 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
   done
   rm -rf "$data_dir" "${sync_dir:-}" "$work/leadex.toml"
-  # leadex logs two lines per lead at info (hundreds of MB per run): keep the end only.
+  # leadex logs a line per lead at info (hundreds of MB per run): keep the end only.
   if [ -f "$out/leadex.log" ]; then
     tail -n 2000 "$out/leadex.log" >"$out/leadex.log.tail" 2>/dev/null || true
     rm -f "$out/leadex.log"
@@ -126,6 +126,7 @@ config="$work/leadex.toml"
 cat >"$config" <<EOF
 [server]
 listen = "127.0.0.1:$LEADEX_PORT"
+workers = ${WORKERS:-0}
 
 [storage]
 backend = "embedded"
