@@ -12,7 +12,8 @@
 # Environment: RATES (open-loop leads/s, 0 ms buyers), SLOW_RATES (20-80 ms buyers; either
 # may be empty to skip it),
 # DURATION and WARMUP (seconds per run), KEYS (supplier keys), CLOSED (senders of the
-# closed-loop saturation run, 0 to skip), SKIP_BUILD, BIN_DIR (binaries, default the release
+# closed-loop saturation run, 0 to skip), ROUNDS (closed-loop runs of each target, taking
+# turns, summed up by their median ratio; default 1), SKIP_BUILD, BIN_DIR (binaries, default the release
 # folder of CARGO_TARGET_DIR or target), OUT (folder kept for the results),
 # STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
@@ -30,6 +31,7 @@ DURATION="${DURATION:-15}"
 WARMUP="${WARMUP:-3}"
 KEYS="${KEYS:-50}"
 CLOSED="${CLOSED:-64}"
+ROUNDS="${ROUNDS:-1}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 SYNC_BASELINE="${SYNC_BASELINE:-0}"
 LEADEX_PORT="${LEADEX_PORT:-18080}"
@@ -251,13 +253,32 @@ for rate in $RATES; do
     drive "baseline+sync/0ms/$rate" "$BASELINE_SYNC_PORT" "$baseline_sync_pid" "Auto Insurance" --rate "$rate"
   fi
 done
+# One closed-loop run of each target; $1 the label's suffix, $2 1 to start with the baselines.
+closed_round() {
+  local suffix="$1" label
+  local targets=(leadex baseline)
+  if [ "$SYNC_BASELINE" = 1 ]; then targets+=(baseline+sync); fi
+  if [ "$2" = 1 ]; then targets=("${targets[@]:1}" leadex); fi
+  for label in "${targets[@]}"; do
+    case "$label" in
+      leadex) drive "leadex/0ms/closed$CLOSED$suffix" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED" ;;
+      baseline) drive "baseline/0ms/closed$CLOSED$suffix" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED" ;;
+      baseline+sync) drive "baseline+sync/0ms/closed$CLOSED$suffix" "$BASELINE_SYNC_PORT" "$baseline_sync_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED" ;;
+    esac
+  done
+}
 if [ "$CLOSED" -gt 0 ]; then
   echo
   echo "### saturation: closed loop, $CLOSED senders, buyers answering in 0 ms"
-  drive "leadex/0ms/closed$CLOSED" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
-  drive "baseline/0ms/closed$CLOSED" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
-  if [ "$SYNC_BASELINE" = 1 ]; then
-    drive "baseline+sync/0ms/closed$CLOSED" "$BASELINE_SYNC_PORT" "$baseline_sync_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
+  if [ "$ROUNDS" -le 1 ]; then
+    closed_round "" 0
+  else
+    # Rounds alternate which target goes first, so a machine growing busier or quieter during
+    # the series weighs on both alike; the comparison ends with the median ratio.
+    for round in $(seq 1 "$ROUNDS"); do
+      echo "## round $round of $ROUNDS"
+      closed_round "-r$round" $(((round + 1) % 2))
+    done
   fi
 fi
 
@@ -292,11 +313,34 @@ awk -F'\t' -v ref="$1" '
   }' "$cpu" "$summary"
 }
 
+# The median and range of the closed loop's throughput ratio over its rounds (ROUNDS > 1).
+rounds_ratio() {
+  awk -F'\t' -v ref="$1" -v closed="closed$CLOSED-r" '
+    FNR == 1 { next }
+    {
+      split($1, part, "/")
+      if (index(part[3], closed) != 1) next
+      ach[part[1], part[3]] = $4; rounds[part[3]] = 1
+    }
+    END {
+      n = 0
+      for (r in rounds) if (ach[ref, r] > 0 && ("leadex", r) in ach) ratio[++n] = ach["leadex", r] / ach[ref, r]
+      if (n == 0) exit
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && ratio[j - 1] > ratio[j]; j--) { t = ratio[j]; ratio[j] = ratio[j - 1]; ratio[j - 1] = t }
+      median = n % 2 ? ratio[(n + 1) / 2] : (ratio[n / 2] + ratio[n / 2 + 1]) / 2
+      at = 0
+      for (i = 1; i <= n; i++) if (ratio[i] >= 0.8) at++
+      printf "closed loop over %d rounds: median ratio %.3f (%.2f-%.2f), %d of %d at 0.8 or more\n", n, median, ratio[1], ratio[n], at, n
+    }' "$summary"
+}
+
 echo
 echo "### leadex / baseline (same run, same buyers)"
 compare baseline
+rounds_ratio baseline
 if [ "$SYNC_BASELINE" = 1 ]; then
   echo
   echo "### leadex / baseline+sync (the baseline with each outcome fdatasync'd before its answer)"
   compare baseline+sync
+  rounds_ratio baseline+sync
 fi

@@ -34,3 +34,7 @@ if [ -d load-tests/k6 ]; then
   done
   echo "k6 scripts: syntax ok"
 fi
+for script in load-tests/*.sh; do
+  bash -n "$script"
+done
+echo "load-test scripts: syntax ok"
