@@ -13,8 +13,8 @@
 # may be empty to skip it),
 # DURATION and WARMUP (seconds per run), KEYS (supplier keys), CLOSED (senders of the
 # closed-loop saturation run, 0 to skip), ROUNDS (closed-loop runs of each target, taking
-# turns, summed up by their median ratio; default 1), SKIP_BUILD, BIN_DIR (binaries, default the release
-# folder of CARGO_TARGET_DIR or target), OUT (folder kept for the results),
+# turns, summed up by their median ratio; default 1), SKIP_BUILD, BIN_DIR (binaries, default
+# the release folder of CARGO_TARGET_DIR or target), OUT (folder kept for the results),
 # STORE_DIR (where leadex keeps its data; default a temporary folder on the disk, e.g.
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
 # default info as in production), and the embedded store's settings CHECKPOINT_MS, APPLY_MS,
@@ -255,16 +255,14 @@ for rate in $RATES; do
 done
 # One closed-loop run of each target; $1 the label's suffix, $2 1 to start with the baselines.
 closed_round() {
-  local suffix="$1" label
+  local target
+  local -A port_of=([leadex]="$LEADEX_PORT" [baseline]="$BASELINE_FAST_PORT" [baseline+sync]="$BASELINE_SYNC_PORT")
+  local -A pid_of=([leadex]="$leadex_pid" [baseline]="$baseline_fast_pid" [baseline+sync]="${baseline_sync_pid:-}")
   local targets=(leadex baseline)
   if [ "$SYNC_BASELINE" = 1 ]; then targets+=(baseline+sync); fi
   if [ "$2" = 1 ]; then targets=("${targets[@]:1}" leadex); fi
-  for label in "${targets[@]}"; do
-    case "$label" in
-      leadex) drive "leadex/0ms/closed$CLOSED$suffix" "$LEADEX_PORT" "$leadex_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED" ;;
-      baseline) drive "baseline/0ms/closed$CLOSED$suffix" "$BASELINE_FAST_PORT" "$baseline_fast_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED" ;;
-      baseline+sync) drive "baseline+sync/0ms/closed$CLOSED$suffix" "$BASELINE_SYNC_PORT" "$baseline_sync_pid" "Auto Insurance" --rate 0 --concurrency "$CLOSED" ;;
-    esac
+  for target in "${targets[@]}"; do
+    drive "$target/0ms/closed$CLOSED$1" "${port_of[$target]}" "${pid_of[$target]}" "Auto Insurance" --rate 0 --concurrency "$CLOSED"
   done
 }
 if [ "$CLOSED" -gt 0 ]; then
