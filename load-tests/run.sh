@@ -52,8 +52,10 @@ data_dir="$(mktemp -d -p "${STORE_DIR:-$work}" leadex-data-XXXXXX)"
 mkdir -p "$out"
 summary="$out/summary.tsv"
 cpu="$out/cpu.tsv"
+threads="$out/threads.tsv"
 : >"$summary"
 : >"$cpu"
+printf 'label\tworkers_us\twriter_us\tapplier_us\tother_us\n' >"$threads"
 
 pids=()
 cleanup() {
@@ -174,8 +176,8 @@ sellers = ["LOAD0001"]
 api_key_sha256 = ["$(printf %s "$key" | sha256sum | cut -d' ' -f1)"]
 EOF
 done
-# Fast buyers first, then slow ones: leadex places actors on its arbiters round-robin in
-# config order, so this spreads each campaign's buyers over the cores.
+# Five fast buyers for the 0 ms campaign, five slow ones for the 20-80 ms campaign. Every HTTP
+# worker runs its own set of buyer actors, so a lead's pings stay on the thread that took it.
 for kind in fast slow; do
   for i in 1 2 3 4 5; do
     if [ "$kind" = fast ]; then url="${fast_urls[$((i - 1))]}"; else url="${slow_urls[$((i - 1))]}"; fi
@@ -219,14 +221,30 @@ ticks_per_sec="$(getconf CLK_TCK)"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Context switches of all of a process's threads so far.
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
+# CPU ticks of a process's threads so far, summed by part: "workers writer applier other".
+# The name (comm) can hold spaces, so fields are counted from the `)` that closes it.
+thread_ticks() {
+  cat /proc/"$1"/task/*/stat 2>/dev/null | awk '{
+      close_at = 0
+      for (i = length($0); i > 0; i--) if (substr($0, i, 1) == ")") { close_at = i; break }
+      comm = substr($0, index($0, "(") + 1, close_at - index($0, "(") - 1)
+      split(substr($0, close_at + 2), f, " ")
+      t = f[12] + f[13]
+      if (comm ~ /^actix-rt/) w += t
+      else if (comm == "leadex-store-wr") s += t
+      else if (comm == "leadex-store-ap") a += t
+      else o += t
+    } END {print w + 0, s + 0, a + 0, o + 0}'
+}
 
 # One loadgen run; $1 label, $2 target port, $3 target pid, $4 category, then loadgen flags.
 # Also records the target's CPU time per lead answered (`cpu.tsv`), a figure the other
 # engineers' load on a shared machine disturbs far less than latency.
 drive() {
-  local label="$1" port="$2" pid="$3" category="$4" before after sent switched
+  local label="$1" port="$2" pid="$3" category="$4" before after sent switched parts_before parts
   shift 4
   before="$(cpu_ticks "$pid")"
+  parts_before="$(thread_ticks "$pid")"
   switched="$(switches "$pid")"
   "$bin/leadex" loadgen --target "http://127.0.0.1:$port" --keys-file "$keys_file" \
     --seller LOAD0001 --category "$category" --duration-secs "$DURATION" \
@@ -237,10 +255,24 @@ drive() {
   switched=$(($(switches "$pid") - switched))
   # Warm-up leads cost CPU too, so divide by everything the driver sent.
   sent="$(awk -F'\t' -v l="$label" '$1 == l {a = $17} END {print a + 0}' "$summary")"
+  if [ "$pid" = "$leadex_pid" ]; then
+    # Where leadex's CPU went, per lead: its HTTP workers (auctions run there), the store's
+    # writer (log append and sync) and applier (redb), and every other thread.
+    parts="$(awk -v b="$parts_before" -v a="$(thread_ticks "$pid")" -v hz="$ticks_per_sec" -v sent="$sent" -v l="$label" 'BEGIN {
+        split(b, x, " "); split(a, y, " ")
+        printf "%s", l
+        for (i = 1; i <= 4; i++) printf "\t%.0f", (sent > 0 ? (y[i] - x[i]) / hz * 1e6 / sent : 0)
+        printf "\n"
+      }')"
+    echo "$parts" >>"$threads"
+  fi
   awk -v b="$before" -v a="$after" -v hz="$ticks_per_sec" -v sent="$sent" -v l="$label" 'BEGIN {
       us = sent > 0 ? (a - b) / hz * 1e6 / sent : 0
       printf "%s\t%.0f\n", l, us
     }' >>"$cpu"
+  if [ "$pid" = "$leadex_pid" ]; then
+    echo "$parts" | awk -F'\t' '{printf "  leadex threads: workers %s, store writer %s, store applier %s, other %s us per lead\n", $2, $3, $4, $5}'
+  fi
   echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead, $(awk -v s="$switched" -v n="$sent" 'BEGIN {printf "%.1f", (n > 0 ? s / n : 0)}') context switches per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
 }
 
