@@ -4,12 +4,11 @@
 //! every leadex figure is also a ratio to what this machine allows.
 //!
 //! With `--sync-dir` it also keeps each outcome durably before answering, the least a store
-//! can do: one thread appends every waiting outcome to a zero-filled file with one `pwrite`
-//! and one `fdatasync`, then answers them all (group commit). What that adds to the answer
-//! time is this machine's disk, which leadex's durable answers pay too.
+//! can do: one thread appends every waiting outcome to a zero-filled file with one durable
+//! write (as leadex's write-ahead log does it), then answers them all (group commit). What
+//! that adds to the answer time is this machine's disk, which leadex's durable answers pay too.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use std::time::Duration;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use clap::Parser;
 use futures::future::join_all;
+use leadex::storage::wal::{SyncFile, padding_to_block};
 use serde_json::{Value, json};
 
 // mimalloc: less CPU per allocation than glibc's malloc and memory given back after bursts
@@ -56,22 +56,11 @@ const LOG_BYTES: u64 = 64 << 20;
 type Durable = (Vec<u8>, tokio::sync::oneshot::Sender<()>);
 
 /// Starts the thread that makes outcomes durable in `dir`, and returns where to send them.
+/// Each group is `len u32 | record` for each outcome, then zeros to a block boundary (at least
+/// four, read as a zero `len`), written the way leadex's log is (`SyncFile`: direct I/O with
+/// `O_DSYNC` where the filesystem takes it, else a write and an `fdatasync`).
 fn start_log(dir: &Path) -> std::io::Result<mpsc::Sender<Durable>> {
-    let path = dir.join("outcomes.log");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)?;
-    // Zero-filled to its full size, so a sync writes data blocks only.
-    let zeros = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < LOG_BYTES {
-        file.write_all_at(&zeros, at)?;
-        at += zeros.len() as u64;
-    }
-    file.sync_all()?;
+    let mut file = SyncFile::open(&dir.join("outcomes.log"), LOG_BYTES)?;
     File::open(dir)?.sync_all()?;
     let (tx, rx) = mpsc::channel::<Durable>();
     std::thread::Builder::new()
@@ -87,12 +76,11 @@ fn start_log(dir: &Path) -> std::io::Result<mpsc::Sender<Durable>> {
                     group.extend_from_slice(&record);
                     waiting.push(done);
                 }
+                group.resize(group.len() + padding_to_block(group.len(), 4), 0);
                 if pos + group.len() as u64 > LOG_BYTES {
                     pos = 0;
                 }
-                file.write_all_at(&group, pos)
-                    .and_then(|()| file.sync_data())
-                    .expect("outcome log write");
+                file.write_durably(&group, pos).expect("outcome log write");
                 pos += group.len() as u64;
                 for done in waiting.drain(..) {
                     let _ = done.send(());

@@ -486,6 +486,12 @@ fn recover(db: &Database, dir: &Path) -> Result<wal::Wal, StorageError> {
     let paths = WAL_FILES.map(|name| dir.join(name));
     let (mut log, payloads) = wal::Wal::open([&paths[0], &paths[1]], WAL_CAPACITY, epoch)
         .map_err(|e| StorageError::Backend(format!("write-ahead log in {}: {e}", dir.display())))?;
+    if !log.is_direct() {
+        tracing::info!(
+            path = %dir.display(),
+            "this filesystem takes no direct I/O: the write-ahead log syncs each group with fdatasync"
+        );
+    }
     let encoded = payloads
         .iter()
         .map(|p| decode(p).and_then(encode).map(Arc::new))
@@ -698,7 +704,7 @@ impl Writer {
             return Ok(None);
         }
         self.log
-            .append_durably(&self.framed)
+            .append_durably(&mut self.framed)
             .map_err(|e| StorageError::Backend(format!("write-ahead log: {e}")))?;
         let mut overlay = self.overlay.write().expect("overlay lock");
         for (i, write) in encoded.iter().enumerate() {
@@ -1389,7 +1395,7 @@ mod tests {
             encode(op.clone()).unwrap().write_payload(&mut payload);
             log.frame(&payload, &mut framed);
         }
-        log.append_durably(&framed).unwrap();
+        log.append_durably(&mut framed).unwrap();
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ pub mod embedded;
 mod priority;
 pub mod scylla;
 pub mod spill;
-mod wal;
+pub mod wal;
 
 use std::sync::Arc;
 
