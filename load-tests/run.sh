@@ -19,7 +19,7 @@
 # /dev/shm to take fsync out of the figures as a diagnostic), RUST_LOG (leadex's log level,
 # default info as in production), and the embedded store's settings CHECKPOINT_MS, APPLY_MS,
 # LINGER_US, CACHE_MIB and IDLE_APPLY, and WORKERS (HTTP workers; default: the README's). SYNC_BASELINE=1 also runs the baseline with
-# `--sync-dir` (each outcome fdatasync'd before its answer, group commit) at RATES and in the
+# `--sync-dir` (each outcome durably written before its answer, group commit) at RATES and in the
 # closed loop, in the same folder as leadex's data: the least any durable exchange pays on
 # this disk.
 set -euo pipefail
@@ -370,7 +370,7 @@ compare baseline
 rounds_ratio baseline
 if [ "$SYNC_BASELINE" = 1 ]; then
   echo
-  echo "### leadex / baseline+sync (the baseline with each outcome fdatasync'd before its answer)"
+  echo "### leadex / baseline+sync (the baseline with each outcome durably written before its answer)"
   compare baseline+sync
   rounds_ratio baseline+sync
 fi
