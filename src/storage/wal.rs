@@ -95,17 +95,18 @@ impl SyncFile {
             bytes.len().is_multiple_of(BLOCK) && at.is_multiple_of(BLOCK as u64),
             "whole blocks at a block boundary"
         );
-        match &self.direct {
-            Some(direct) => {
-                let block = aligned(&mut self.buffer, bytes.len());
-                block.copy_from_slice(bytes);
-                direct.write_all_at(block, at)
-            }
-            None => {
-                self.file.write_all_at(bytes, at)?;
-                self.file.sync_data()
+        if let Some(direct) = &self.direct {
+            let block = aligned(&mut self.buffer, bytes.len());
+            block.copy_from_slice(bytes);
+            match direct.write_all_at(block, at) {
+                // A filesystem that read with direct I/O and will not write so: from now on
+                // a write and a sync.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                done => return done,
             }
         }
+        self.file.write_all_at(bytes, at)?;
+        self.file.sync_data()
     }
 }
 
