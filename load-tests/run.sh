@@ -265,14 +265,12 @@ drive() {
         printf "\n"
       }')"
     echo "$parts" >>"$threads"
+    echo "$parts" | awk -F'\t' '{printf "  leadex threads: workers %s, store writer %s, store applier %s, other %s us per lead\n", $2, $3, $4, $5}'
   fi
   awk -v b="$before" -v a="$after" -v hz="$ticks_per_sec" -v sent="$sent" -v l="$label" 'BEGIN {
       us = sent > 0 ? (a - b) / hz * 1e6 / sent : 0
       printf "%s\t%.0f\n", l, us
     }' >>"$cpu"
-  if [ "$pid" = "$leadex_pid" ]; then
-    echo "$parts" | awk -F'\t' '{printf "  leadex threads: workers %s, store writer %s, store applier %s, other %s us per lead\n", $2, $3, $4, $5}'
-  fi
   echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead, $(awk -v s="$switched" -v n="$sent" 'BEGIN {printf "%.1f", (n > 0 ? s / n : 0)}') context switches per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use leadex::sim::{Behaviour, BidSpec, BuyerSim};
+use leadex::storage::wal::BLOCK;
 use serde_json::{Value, json};
 
 fn repo(path: &str) -> PathBuf {
@@ -1445,10 +1446,10 @@ async fn the_durable_baseline_answers_what_its_log_holds() {
         let len = u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
         if len == 0 {
             // Zeros to the end of a group's last block; the next group starts a block.
-            if at % 4096 == 0 {
+            if at % BLOCK == 0 {
                 break;
             }
-            at = at.next_multiple_of(4096);
+            at = at.next_multiple_of(BLOCK);
             continue;
         }
         records.push(serde_json::from_slice::<Value>(&log[at + 4..at + 4 + len]).unwrap());

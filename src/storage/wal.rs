@@ -20,8 +20,8 @@
 //!
 //! A group is written in whole blocks at a block boundary (`SyncFile`): where the filesystem
 //! allows it, with direct I/O and `O_DSYNC`, one write that is durable when it returns, in
-//! place of a write into the page cache and an `fdatasync` (on this project's disks about a
-//! third less time and CPU per sync, BENCHMARKS.md). A padding record (its `len` with the top
+//! place of a write into the page cache and an `fdatasync` (on this project's disk about a
+//! tenth less CPU per sync and a little less time, BENCHMARKS.md item 14). A padding record (its `len` with the top
 //! bit set) fills the group's last block and is never replayed.
 
 use std::fs::{File, OpenOptions};
@@ -58,29 +58,23 @@ impl SyncFile {
     /// shorter.
     pub fn open(path: &Path, capacity: u64) -> std::io::Result<SyncFile> {
         let file = open_file(path, capacity)?;
+        let mut buffer = Vec::new();
+        // Some filesystems open with O_DIRECT and refuse the I/O: probe with a read.
         let direct = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
             .open(path)
-            .ok();
-        let mut sync = SyncFile {
+            .ok()
+            .filter(|direct| {
+                capacity >= BLOCK as u64
+                    && direct.read_exact_at(aligned(&mut buffer, BLOCK), 0).is_ok()
+            });
+        Ok(SyncFile {
             file,
             direct,
-            buffer: Vec::new(),
-        };
-        // Some filesystems open with O_DIRECT and refuse the I/O: probe with a read.
-        if capacity >= BLOCK as u64 {
-            if let Some(direct) = sync.direct.take() {
-                let block = aligned(&mut sync.buffer, BLOCK);
-                if direct.read_exact_at(block, 0).is_ok() {
-                    sync.direct = Some(direct);
-                }
-            }
-        } else {
-            sync.direct = None;
-        }
-        Ok(sync)
+            buffer,
+        })
     }
 
     /// Whether writes go through direct I/O with `O_DSYNC`.
