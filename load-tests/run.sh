@@ -53,9 +53,11 @@ mkdir -p "$out"
 summary="$out/summary.tsv"
 cpu="$out/cpu.tsv"
 threads="$out/threads.tsv"
+machine="$out/machine.tsv"
 : >"$summary"
 : >"$cpu"
 printf 'label\tworkers_us\twriter_us\tapplier_us\tother_us\n' >"$threads"
+printf 'label\tsteal_pct\tidle_pct\n' >"$machine"
 
 pids=()
 cleanup() {
@@ -221,6 +223,9 @@ ticks_per_sec="$(getconf CLK_TCK)"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Context switches of all of a process's threads so far.
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
+# The machine's CPU ticks so far (/proc/stat's first line): "total idle steal". Steal is the
+# time the host gave this VM's cores to others: what a shared machine takes from every run.
+machine_ticks() { awk '$1 == "cpu" {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6, $9; exit}' /proc/stat; }
 # CPU ticks of a process's threads so far, summed by part: "workers writer applier other".
 # The name (comm) can hold spaces, so fields are counted from the `)` that closes it.
 thread_ticks() {
@@ -242,7 +247,9 @@ thread_ticks() {
 # engineers' load on a shared machine disturbs far less than latency.
 drive() {
   local label="$1" port="$2" pid="$3" category="$4" before after sent switched parts_before parts
+  local machine_before host
   shift 4
+  machine_before="$(machine_ticks)"
   before="$(cpu_ticks "$pid")"
   parts_before="$(thread_ticks "$pid")"
   switched="$(switches "$pid")"
@@ -253,6 +260,11 @@ drive() {
     --label "$label" --summary-file "$summary" "$@"
   after="$(cpu_ticks "$pid")"
   switched=$(($(switches "$pid") - switched))
+  host="$(awk -v b="$machine_before" -v a="$(machine_ticks)" -v l="$label" 'BEGIN {
+      split(b, x, " "); split(a, y, " "); t = y[1] - x[1]
+      printf "%s\t%.1f\t%.1f\n", l, (t > 0 ? 100 * (y[3] - x[3]) / t : 0), (t > 0 ? 100 * (y[2] - x[2]) / t : 0)
+    }')"
+  echo "$host" >>"$machine"
   # Warm-up leads cost CPU too, so divide by everything the driver sent.
   sent="$(awk -F'\t' -v l="$label" '$1 == l {a = $17} END {print a + 0}' "$summary")"
   if [ "$pid" = "$leadex_pid" ]; then
@@ -271,7 +283,7 @@ drive() {
       us = sent > 0 ? (a - b) / hz * 1e6 / sent : 0
       printf "%s\t%.0f\n", l, us
     }' >>"$cpu"
-  echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead, $(awk -v s="$switched" -v n="$sent" 'BEGIN {printf "%.1f", (n > 0 ? s / n : 0)}') context switches per lead   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
+  echo "  target CPU: $(tail -n1 "$cpu" | cut -f2) us per lead, $(awk -v s="$switched" -v n="$sent" 'BEGIN {printf "%.1f", (n > 0 ? s / n : 0)}') context switches per lead   machine: steal $(echo "$host" | cut -f2) %, idle $(echo "$host" | cut -f3) %   load: $(cut -d' ' -f1-3 /proc/loadavg)   leadex RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$leadex_pid/status")"
 }
 
 echo
