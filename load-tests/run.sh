@@ -225,7 +225,8 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
 # The machine's CPU ticks so far (/proc/stat's first line): "total idle steal". Steal is the
 # time the host gave this VM's cores to others: what a shared machine takes from every run.
-machine_ticks() { awk '$1 == "cpu" {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6, $9; exit}' /proc/stat; }
+# The total is user to steal; the guest fields after them are already counted in user.
+machine_ticks() { awk '$1 == "cpu" {t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $5 + $6, $9; exit}' /proc/stat; }
 # CPU ticks of a process's threads so far, summed by part: "workers writer applier other".
 # The name (comm) can hold spaces, so fields are counted from the `)` that closes it.
 thread_ticks() {
