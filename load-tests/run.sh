@@ -226,7 +226,9 @@ switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n 
 # The machine's CPU ticks so far (/proc/stat's first line): "total idle steal". Steal is the
 # time the host gave this VM's cores to others: what a shared machine takes from every run.
 # The total is user to steal; the guest fields after them are already counted in user.
-machine_ticks() { awk '$1 == "cpu" {t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $5 + $6, $9; exit}' /proc/stat; }
+machine_ticks() {
+  awk '$1 == "cpu" {t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $5 + $6, $9; exit}' /proc/stat
+}
 # CPU ticks of a process's threads so far, summed by part: "workers writer applier other".
 # The name (comm) can hold spaces, so fields are counted from the `)` that closes it.
 thread_ticks() {
@@ -263,7 +265,8 @@ drive() {
   switched=$(($(switches "$pid") - switched))
   host="$(awk -v b="$machine_before" -v a="$(machine_ticks)" -v l="$label" 'BEGIN {
       split(b, x, " "); split(a, y, " "); t = y[1] - x[1]
-      printf "%s\t%.1f\t%.1f\n", l, (t > 0 ? 100 * (y[3] - x[3]) / t : 0), (t > 0 ? 100 * (y[2] - x[2]) / t : 0)
+      if (t <= 0) t = 1
+      printf "%s\t%.1f\t%.1f\n", l, 100 * (y[3] - x[3]) / t, 100 * (y[2] - x[2]) / t
     }')"
   echo "$host" >>"$machine"
   # Warm-up leads cost CPU too, so divide by everything the driver sent.

@@ -21,8 +21,8 @@
 //! A group is written in whole blocks at a block boundary (`SyncFile`): where the filesystem
 //! allows it, with direct I/O and `O_DSYNC`, one write that is durable when it returns, in
 //! place of a write into the page cache and an `fdatasync` (on this project's disk about a
-//! tenth less CPU per sync and a little less time, BENCHMARKS.md item 14). A padding record (its `len` with the top
-//! bit set) fills the group's last block and is never replayed.
+//! tenth less CPU per sync and a little less time, BENCHMARKS.md item 14). A padding record
+//! (its `len` with the top bit set) fills the group's last block and is never replayed.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
