@@ -306,7 +306,7 @@ fn lead_id_at(ms: i64) -> String {
 }
 
 fn fields() -> FieldMap {
-    let mut fields = FieldMap::new();
+    let mut fields = FieldMap::default();
     fields.insert("firstName".into(), json!("John"));
     fields.insert("phone".into(), json!("5551234567"));
     fields.insert("state".into(), json!("TX"));

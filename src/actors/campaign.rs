@@ -336,7 +336,7 @@ impl Shared {
         let mut ping_ids: Vec<String> = Vec::with_capacity(s.buyers.len());
 
         // Ping everyone eligible at once; the ping lead is serialised once for all buyers.
-        let ping_lead = serde_json::value::to_raw_value(&lead.without_personal(&s.personal_fields))
+        let ping_lead = serde_json::value::to_raw_value(&lead.ping_fields(&s.personal_fields))
             .expect("a map of JSON values always serialises");
         let mut pings = Vec::new();
         for (index, buyer) in s.buyers.iter().enumerate() {

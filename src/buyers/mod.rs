@@ -162,15 +162,131 @@ pub enum PostReply {
     Refused(Refusal, Option<String>),
 }
 
-/// Follows a dotted path (`data.offer.price`; numeric parts index arrays).
-fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.')
-        .filter(|p| !p.is_empty())
-        .try_fold(value, |v, part| match v {
-            Value::Object(map) => map.get(part),
-            Value::Array(items) => part.parse::<usize>().ok().and_then(|i| items.get(i)),
-            _ => None,
-        })
+/// A buyer's reply, read only along the paths the exchange looks at: its top-level object is
+/// read once as keys and unparsed values, each object further along a path likewise, and only
+/// the value at the end is parsed. Replies carry more than a bid and a token, and a tree of
+/// all of it (a map, its keys, each value) was most of what reading one cost.
+struct Reply<'a> {
+    body: &'a [u8],
+    top: Top<'a>,
+}
+
+enum Top<'a> {
+    Object(Entries<'a>),
+    Other(&'a RawValue),
+}
+
+/// Why a path could not be read: a value on it that is valid JSON but not a value serde_json
+/// can hold (a number out of range), which makes the reply unusable as a whole.
+struct Unreadable;
+
+impl<'a> Reply<'a> {
+    /// `None` when the body is not one JSON value.
+    fn parse(body: &'a [u8]) -> Option<Reply<'a>> {
+        let top = if body.trim_ascii_start().first() == Some(&b'{') {
+            Top::Object(serde_json::from_slice(body).ok()?)
+        } else {
+            Top::Other(serde_json::from_slice(body).ok()?)
+        };
+        Some(Reply { body, top })
+    }
+
+    /// Follows a dotted path (`data.offer.price`; numeric parts index arrays).
+    fn get(&self, path: &str) -> Result<Option<Value>, Unreadable> {
+        let mut parts = path.split('.').filter(|p| !p.is_empty());
+        let Some(first) = parts.next() else {
+            return serde_json::from_slice(self.body)
+                .map(Some)
+                .map_err(|_| Unreadable);
+        };
+        let mut at = match &self.top {
+            Top::Object(entries) => entries.get(first),
+            Top::Other(value) => step(value, first)?,
+        };
+        for part in parts {
+            at = match at {
+                Some(value) => step(value, part)?,
+                None => return Ok(None),
+            };
+        }
+        at.map(|value| serde_json::from_str(value.get()).map_err(|_| Unreadable))
+            .transpose()
+    }
+}
+
+/// One part of a path into `value`: a key of an object or an index into an array.
+fn step<'a>(value: &'a RawValue, part: &str) -> Result<Option<&'a RawValue>, Unreadable> {
+    let text = value.get().trim_start();
+    Ok(match text.as_bytes().first() {
+        Some(b'{') => serde_json::from_str::<Entries<'a>>(text)
+            .map_err(|_| Unreadable)?
+            .get(part),
+        Some(b'[') => match part.parse::<usize>() {
+            Ok(index) => serde_json::from_str::<Vec<&RawValue>>(text)
+                .map_err(|_| Unreadable)?
+                .get(index)
+                .copied(),
+            Err(_) => None,
+        },
+        _ => None,
+    })
+}
+
+/// An object's entries, keys borrowed from the reply unless they hold escapes.
+struct Entries<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Entries<'a> {
+    /// A key given twice: the last one counts, as in a parsed object.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries<'de>, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(Key(key)) = map.next_key()? {
+                    entries.push((key, map.next_value()?));
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(key.into()))
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(key.to_owned().into()))
+            }
+            fn visit_string<E>(self, key: String) -> Result<Key<'de>, E> {
+                Ok(Key(key.into()))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
 }
 
 fn price_of(value: &Value) -> Option<Price> {
@@ -185,22 +301,25 @@ pub fn parse_ping_reply(status: u16, body: &[u8], mapping: &ReplyMapping) -> Pin
     if !(200..300).contains(&status) {
         return PingReply::NoBid(NoBid::HttpStatus);
     }
-    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+    let Some(reply) = Reply::parse(body) else {
         return PingReply::NoBid(NoBid::BadBody);
     };
-    let Some(raw) = lookup(&json, &mapping.bid_path) else {
-        return PingReply::NoBid(NoBid::Declined);
+    let bid = match reply.get(&mapping.bid_path) {
+        Ok(Some(bid)) => bid,
+        Ok(None) => return PingReply::NoBid(NoBid::Declined),
+        Err(Unreadable) => return PingReply::NoBid(NoBid::BadBody),
     };
-    match raw {
+    match bid {
         Value::Null | Value::Bool(false) => PingReply::NoBid(NoBid::Declined),
-        other => match price_of(other) {
+        other => match price_of(&other) {
             Some(price) if price.is_zero() => PingReply::NoBid(NoBid::Declined),
             Some(price) => {
-                let token = lookup(&json, &mapping.token_path).and_then(|t| match t {
-                    Value::String(s) => Some(s.clone()),
-                    Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                });
+                let token = match reply.get(&mapping.token_path) {
+                    Ok(Some(Value::String(s))) => Some(s),
+                    Ok(Some(Value::Number(n))) => Some(n.to_string()),
+                    Ok(_) => None,
+                    Err(Unreadable) => return PingReply::NoBid(NoBid::BadBody),
+                };
                 PingReply::Bid { price, token }
             }
             None => PingReply::NoBid(NoBid::BadBody),
@@ -212,14 +331,18 @@ pub fn parse_post_reply(status: u16, body: &[u8], mapping: &ReplyMapping) -> Pos
     if !(200..300).contains(&status) {
         return PostReply::Refused(Refusal::HttpStatus, None);
     }
-    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+    let Some(reply) = Reply::parse(body) else {
         return PostReply::Refused(Refusal::BadBody, None);
     };
-    let reason = lookup(&json, "reason")
+    let (Ok(reason), Ok(accept)) = (reply.get("reason"), reply.get(&mapping.accept_path)) else {
+        return PostReply::Refused(Refusal::BadBody, None);
+    };
+    let reason = reason
+        .as_ref()
         .and_then(|r| r.as_str())
         .map(|r| r.chars().take(200).collect());
-    let accepted = match (lookup(&json, &mapping.accept_path), &mapping.accept_value) {
-        (Some(Value::Bool(b)), None) => *b,
+    let accepted = match (accept, &mapping.accept_value) {
+        (Some(Value::Bool(b)), None) => b,
         (Some(v), Some(expected)) => match v {
             Value::String(s) => s.eq_ignore_ascii_case(expected),
             Value::Bool(b) => b.to_string() == *expected,
@@ -332,6 +455,62 @@ mod tests {
         assert_eq!(
             parse_post_reply(200, br#"{"result": "failure"}"#, &m),
             PostReply::Refused(Refusal::Declined, None)
+        );
+    }
+
+    #[test]
+    fn replies_are_read_along_the_mapped_paths_only() {
+        let m = ReplyMapping {
+            bid_path: "offers.1.price".into(),
+            token_path: "id".into(),
+            ..ReplyMapping::default()
+        };
+        // Escaped keys, a key given twice (the last counts) and array indexes on the way.
+        let body = br#"{"i\u0064": "first", "offers": [{"price": 1}, {"pr\u0069ce": "9.50"}], "id": "t-7"}"#;
+        assert_eq!(
+            parse_ping_reply(200, body, &m),
+            PingReply::Bid {
+                price: Price::from_cents(950),
+                token: Some("t-7".into())
+            }
+        );
+        let twice = br#"{"bid": 3, "note": {"deep": [1, 2, {"x": null}]}, "bid": 4}"#;
+        assert_eq!(
+            parse_ping_reply(200, twice, &ReplyMapping::default()),
+            cents(400)
+        );
+        assert_eq!(
+            parse_ping_reply(200, br#"{"offers": {"1": {"price": 2}}}"#, &m),
+            cents(200),
+            "a numeric part names an object's key too"
+        );
+        assert_eq!(
+            parse_ping_reply(200, br#"{"offers": "none"}"#, &m),
+            PingReply::NoBid(NoBid::Declined)
+        );
+        // A number too large for a JSON value makes the reply bad where it is read, and only
+        // there.
+        let far = br#"{"bid": 1e999}"#;
+        assert_eq!(
+            parse_ping_reply(200, far, &ReplyMapping::default()),
+            PingReply::NoBid(NoBid::BadBody)
+        );
+        let aside = br#"{"bid": 2, "debug": 1e999}"#;
+        assert_eq!(
+            parse_ping_reply(200, aside, &ReplyMapping::default()),
+            cents(200)
+        );
+        assert_eq!(
+            parse_ping_reply(200, br#"{"bid": 2} {"bid": 3}"#, &ReplyMapping::default()),
+            PingReply::NoBid(NoBid::BadBody)
+        );
+        assert_eq!(
+            parse_post_reply(
+                200,
+                br#"{"reason": 1e999, "accepted": true}"#,
+                &ReplyMapping::default()
+            ),
+            PostReply::Refused(Refusal::BadBody, None)
         );
     }
 

@@ -5,8 +5,11 @@ use indexmap::IndexMap;
 use serde_json::Value;
 
 /// The fields of a lead as they came, in their order. Values stay JSON values because unknown
-/// fields (`homeowner`, `creditScore`, ...) are passed on to buyers exactly as sent.
-pub type FieldMap = IndexMap<String, Value>;
+/// fields (`homeowner`, `creditScore`, ...) are passed on to buyers exactly as sent. Hashed
+/// with foldhash (randomly seeded, as hashbrown's own maps are) rather than SipHash: every
+/// lead is built, looked up and copied through this map several times, and a body's size
+/// bounds how many keys a supplier can send.
+pub type FieldMap = IndexMap<String, Value, foldhash::fast::RandomState>;
 
 pub const SELLER: &str = "seller";
 pub const CATEGORY: &str = "category";
@@ -206,7 +209,7 @@ impl Lead {
                 required.push(extra.as_str());
             }
         }
-        let mut texts: IndexMap<&str, String> = IndexMap::new();
+        let mut texts: IndexMap<&str, String, foldhash::fast::RandomState> = IndexMap::default();
         for name in &required {
             match text_value(fields.get(*name)) {
                 Ok(Some(text)) => {
@@ -301,14 +304,40 @@ impl Lead {
 
     /// The lead as a buyer sees it in a ping: every field but the personal ones.
     pub fn without_personal(&self, extra_personal: &[String]) -> FieldMap {
-        self.fields
-            .iter()
-            .filter(|(name, _)| {
-                !PERSONAL_FIELDS.contains(&name.as_str())
-                    && !extra_personal.iter().any(|p| p == *name)
-            })
+        self.ping_fields(extra_personal)
+            .fields()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// The same fields as `without_personal`, serialised straight from the lead: the ping is
+    /// written once per auction and no copy of the lead is needed for it.
+    pub fn ping_fields<'a>(&'a self, extra_personal: &'a [String]) -> PingFields<'a> {
+        PingFields {
+            fields: &self.fields,
+            extra_personal,
+        }
+    }
+}
+
+/// A lead's fields without the personal ones, as a JSON object (`Lead::ping_fields`).
+pub struct PingFields<'a> {
+    fields: &'a FieldMap,
+    extra_personal: &'a [String],
+}
+
+impl<'a> PingFields<'a> {
+    fn fields(&self) -> impl Iterator<Item = (&'a String, &'a Value)> + '_ {
+        self.fields.iter().filter(|(name, _)| {
+            !PERSONAL_FIELDS.contains(&name.as_str())
+                && !self.extra_personal.iter().any(|p| p == *name)
+        })
+    }
+}
+
+impl serde::Serialize for PingFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.fields())
     }
 }
 
@@ -363,6 +392,14 @@ mod tests {
             assert!(!ping.contains_key(name), "{name}");
         }
         assert!(ping.contains_key("state") && ping.contains_key("creditScore"));
+        // What the ping carries is written from the lead itself, with the same fields in the
+        // same order.
+        let written = serde_json::to_string(&lead.ping_fields(&["homeowner".to_owned()])).unwrap();
+        assert_eq!(written, serde_json::to_string(&ping).unwrap());
+        assert_eq!(
+            written,
+            r#"{"seller":"ACME1234","category":"Auto Insurance","state":"TX","creditScore":710}"#
+        );
     }
 
     #[test]

@@ -178,7 +178,7 @@ fn pairs_into(fields: &mut FieldMap, pairs: Vec<(String, String)>) {
 
 /// Fields from the query string, then the body on top (the body wins on conflicts).
 fn parse_fields(req: &HttpRequest, body: &[u8]) -> Result<FieldMap, ApiError> {
-    let mut fields = FieldMap::new();
+    let mut fields = FieldMap::default();
     let query: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
         .map_err(|_| ApiError::InvalidBody("The query string is not valid URL encoding".into()))?;
     pairs_into(&mut fields, query);
@@ -219,16 +219,20 @@ fn parse_fields(req: &HttpRequest, body: &[u8]) -> Result<FieldMap, ApiError> {
     Ok(fields)
 }
 
+/// The body's object straight into the lead's map (no `Value` tree of it first); when the
+/// query string gave fields, the body's go on top of them.
 fn merge_json(fields: &mut FieldMap, body: &[u8]) -> Result<(), ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::InvalidBody(format!("The body is not valid JSON: {e}")))?;
-    let Value::Object(object) = value else {
-        return Err(ApiError::InvalidBody(
-            "The body must be a JSON object".into(),
-        ));
-    };
-    for (name, value) in object {
-        fields.insert(name, value);
+    let object: FieldMap = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::InvalidBody("The body must be a JSON object".into())
+        } else {
+            ApiError::InvalidBody(format!("The body is not valid JSON: {e}"))
+        }
+    })?;
+    if fields.is_empty() {
+        *fields = object;
+    } else {
+        fields.extend(object);
     }
     Ok(())
 }
@@ -550,4 +554,50 @@ pub async fn status(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(result: Result<(), ApiError>) -> String {
+        match result {
+            Err(ApiError::InvalidBody(message)) => message,
+            other => panic!("expected an invalid body, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_json_body_lands_on_the_query_fields_in_order_and_wins() {
+        let mut fields = FieldMap::default();
+        fields.insert("state".into(), Value::String("CA".into()));
+        fields.insert("utm".into(), Value::String("q".into()));
+        merge_json(
+            &mut fields,
+            br#"{"phone": "5551234567", "state": "TX", "age": 41}"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        assert_eq!(names, ["state", "utm", "phone", "age"]);
+        assert_eq!(fields["state"], Value::String("TX".into()));
+        assert_eq!(fields["age"], serde_json::json!(41));
+
+        let mut alone = FieldMap::default();
+        merge_json(&mut alone, br#"{"b": 1, "a": {"x": [1]}, "b": 2}"#).unwrap();
+        assert_eq!(alone.keys().collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(alone["b"], serde_json::json!(2));
+        assert_eq!(alone["a"], serde_json::json!({"x": [1]}));
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_told_apart_from_broken_json() {
+        for body in [&b"[1, 2]"[..], b"\"lead\"", b"null", b"42"] {
+            let text = message(merge_json(&mut FieldMap::default(), body));
+            assert_eq!(text, "The body must be a JSON object", "{body:?}");
+        }
+        for body in [&b"{\"seller\": "[..], b"{\"a\": 1} trailing", b"{'a': 1}"] {
+            let text = message(merge_json(&mut FieldMap::default(), body));
+            assert!(text.starts_with("The body is not valid JSON: "), "{text}");
+        }
+    }
 }
