@@ -14,6 +14,7 @@
 # connections and the figure is the auction's own memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. load-tests/lib.sh
 
 INFLIGHT="${INFLIGHT:-9000}"
 BUYERS="${BUYERS:-1}"
@@ -37,11 +38,8 @@ if [ "$HTTP2" != 1 ] && [ "$(ulimit -n)" -lt "$need" ]; then
   exit 2
 fi
 
-pids=()
 cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_started
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -51,18 +49,9 @@ if [ "$SKIP_BUILD" != 1 ]; then
   cargo build --release --bins
 fi
 
-wait_port() {
-  local i
-  for i in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$1" >&2
-  return 1
-}
-
 key="lx_inflight_$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
-cat >"$work/leadex.toml" <<EOF
+{
+  cat <<EOF
 [server]
 listen = "127.0.0.1:$PORT"
 max_in_flight_auctions = $((INFLIGHT * 2))
@@ -70,14 +59,9 @@ h2c = $h2_buyer
 
 [storage]
 path = "$work/data"
-
-[rate_limit]
-requests = 100000000
-window_secs = 60
-
-[[sellers]]
-code = "LOAD0001"
-slug = "load"
+EOF
+  limit_and_seller_toml
+  cat <<EOF
 
 [[suppliers]]
 id = "inflight"
@@ -91,6 +75,7 @@ category = "Auto Insurance"
 ping_timeout_ms = $((BUYER_MS + 2000))
 post_timeout_ms = 2000
 EOF
+} >"$work/leadex.toml"
 for i in $(seq 1 "$BUYERS"); do
   port=$((BUYER_BASE_PORT + i))
   "$bin/leadex" buyer-sim --listen "127.0.0.1:$port" --bid 10 --latency-ms "$BUYER_MS" \

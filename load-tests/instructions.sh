@@ -18,14 +18,15 @@
 # keep RATE low enough that every lead is sold (the script checks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. load-tests/lib.sh
 
 TARGETS="${TARGETS:-leadex baseline}"
 RATE="${RATE:-40}"
 DURATION="${DURATION:-15}"
 WARMUP="${WARMUP:-3}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
-LEADEX_PORT=18180
-BASELINE_PORT=18191
+LEADEX_PORT=18280
+BASELINE_PORT=18291
 BUYER_BASE_PORT=19300
 PING_TIMEOUT_MS=3000
 POST_TIMEOUT_MS=5000
@@ -36,15 +37,8 @@ work="$(mktemp -d -t leadex-instructions-XXXXXX)"
 out="${OUT:-$work/results}"
 mkdir -p "$out"
 
-pids=()
 cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${pids[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_started
   if [ -n "${OUT:-}" ]; then
     rm -rf "$work"
   else
@@ -58,26 +52,11 @@ if [ "$SKIP_BUILD" != 1 ]; then
   cargo build --release --bins
 fi
 
-# Waits until something listens on 127.0.0.1:$1 (at most 60 s: a target under callgrind
-# takes a while to start).
-wait_port() {
-  local i
-  for i in $(seq 1 600); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$1" >&2
-  return 1
-}
-
 urls=()
 for i in 1 2 3 4 5; do
   port=$((BUYER_BASE_PORT + i))
-  "$bin/leadex" buyer-sim --listen "127.0.0.1:$port" --bid "$((5 + i * 3))-$((20 + i * 5))" \
-    --latency-ms 0 >"$out/buyer-$i.log" 2>&1 &
-  pids+=("$!")
+  start "$out/buyer-$i.log" "$bin/leadex" buyer-sim --listen "127.0.0.1:$port" \
+    --bid "$((5 + i * 3))-$((20 + i * 5))" --latency-ms 0
   urls+=("http://127.0.0.1:$port")
 done
 for i in 1 2 3 4 5; do
@@ -87,7 +66,8 @@ done
 key="lx_instr_$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 echo "$key" >"$work/keys.txt"
 mkdir -p "$work/data"
-cat >"$work/leadex.toml" <<EOF
+{
+  cat <<EOF
 [server]
 listen = "127.0.0.1:$LEADEX_PORT"
 
@@ -95,38 +75,17 @@ listen = "127.0.0.1:$LEADEX_PORT"
 backend = "embedded"
 path = "$work/data"
 
-[rate_limit]
-requests = 100000000
-window_secs = 60
-
-[[sellers]]
-code = "LOAD0001"
-slug = "load"
-
-[[campaigns]]
-id = "load-fast"
-seller = "LOAD0001"
-category = "Auto Insurance"
-ping_timeout_ms = $PING_TIMEOUT_MS
-post_timeout_ms = $POST_TIMEOUT_MS
-floor_price = 1.0
-
 [[suppliers]]
 id = "load-1"
 sellers = ["LOAD0001"]
 api_key_sha256 = ["$(printf %s "$key" | sha256sum | cut -d' ' -f1)"]
 EOF
-for i in 1 2 3 4 5; do
-  cat >>"$work/leadex.toml" <<EOF
-
-[[buyers]]
-id = "fast-$i"
-campaigns = ["load-fast"]
-ping_url = "${urls[$((i - 1))]}/ping"
-post_url = "${urls[$((i - 1))]}/post"
-max_in_flight = 8192
-EOF
-done
+  limit_and_seller_toml
+  campaign_toml load-fast "Auto Insurance" "$PING_TIMEOUT_MS" "$POST_TIMEOUT_MS"
+  for i in 1 2 3 4 5; do
+    buyer_toml "fast-$i" load-fast "${urls[$((i - 1))]}" 8192
+  done
+} >"$work/leadex.toml"
 
 # Sends $2 seconds of leads at $3 leads/s to port $1; the driver's table goes to $4.
 drive() {
@@ -158,7 +117,8 @@ for target in $TARGETS; do
     >"$out/$target.log" 2>&1 &
   pid=$!
   pids+=("$pid")
-  wait_port "$port"
+  # A target under callgrind takes a while to start: up to 60 s.
+  wait_port "$port" 600
   drive "$port" "$WARMUP" "$RATE" "$out/$target-warmup.txt"
   callgrind_control -z "$pid" >/dev/null 2>&1
   drive "$port" "$DURATION" "$RATE" "$out/$target-driver.txt"

@@ -24,6 +24,7 @@
 # this disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. load-tests/lib.sh
 
 RATES="${RATES-500 1000 2000}"
 SLOW_RATES="${SLOW_RATES-500 1000 2000}"
@@ -59,15 +60,8 @@ machine="$out/machine.tsv"
 printf 'label\tworkers_us\twriter_us\tapplier_us\tother_us\n' >"$threads"
 printf 'label\tsteal_pct\tidle_pct\n' >"$machine"
 
-pids=()
 cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${pids[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_started
   rm -rf "$data_dir" "${sync_dir:-}" "$work/leadex.toml"
   # leadex logs a line per lead at info (hundreds of MB per run): keep the end only.
   if [ -f "$out/leadex.log" ]; then
@@ -89,26 +83,6 @@ for b in leadex fanout-baseline; do
   [ -x "$bin/$b" ] || { echo "missing $bin/$b (build first)" >&2; exit 1; }
 done
 
-# Waits until something listens on 127.0.0.1:$1 (at most 10 s).
-wait_port() {
-  local i
-  for i in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$1" >&2
-  return 1
-}
-
-start() {
-  local log="$1"
-  shift
-  "$@" >"$log" 2>&1 &
-  pids+=("$!")
-}
-
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(uptime)"
 
 # Buyer simulators: bids spread so auctions have a clear winner, every post accepted.
@@ -129,7 +103,8 @@ done
 keys_file="$out/keys.txt"
 : >"$keys_file"
 config="$work/leadex.toml"
-cat >"$config" <<EOF
+{
+  cat <<EOF
 [server]
 listen = "127.0.0.1:$LEADEX_PORT"
 workers = ${WORKERS:-0}
@@ -142,31 +117,11 @@ apply_ms = ${APPLY_MS:-20}
 cache_mib = ${CACHE_MIB:-64}
 linger_us = ${LINGER_US:-1000}
 idle_apply = ${IDLE_APPLY:-true}
-
-[rate_limit]
-requests = 100000000
-window_secs = 60
-
-[[sellers]]
-code = "LOAD0001"
-slug = "load"
-
-[[campaigns]]
-id = "load-fast"
-seller = "LOAD0001"
-category = "Auto Insurance"
-ping_timeout_ms = $PING_TIMEOUT_MS
-post_timeout_ms = $POST_TIMEOUT_MS
-floor_price = 1.0
-
-[[campaigns]]
-id = "load-slow"
-seller = "LOAD0001"
-category = "Home Insurance"
-ping_timeout_ms = $PING_TIMEOUT_MS
-post_timeout_ms = $POST_TIMEOUT_MS
-floor_price = 1.0
 EOF
+  limit_and_seller_toml
+  campaign_toml load-fast "Auto Insurance" "$PING_TIMEOUT_MS" "$POST_TIMEOUT_MS"
+  campaign_toml load-slow "Home Insurance" "$PING_TIMEOUT_MS" "$POST_TIMEOUT_MS"
+} >"$config"
 for i in $(seq 1 "$KEYS"); do
   key="lx_load_${i}_$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
   echo "$key" >>"$keys_file"
@@ -183,15 +138,7 @@ done
 for kind in fast slow; do
   for i in 1 2 3 4 5; do
     if [ "$kind" = fast ]; then url="${fast_urls[$((i - 1))]}"; else url="${slow_urls[$((i - 1))]}"; fi
-    cat >>"$config" <<EOF
-
-[[buyers]]
-id = "$kind-$i"
-campaigns = ["load-$kind"]
-ping_url = "$url/ping"
-post_url = "$url/post"
-max_in_flight = 8192
-EOF
+    buyer_toml "$kind-$i" "load-$kind" "$url" 8192 >>"$config"
   done
 done
 cp "$config" "$out/leadex.toml"
