@@ -265,29 +265,9 @@ impl<'de> serde::Deserialize<'de> for Entries<'de> {
     }
 }
 
-struct Key<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(key.into()))
-            }
-            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
-                Ok(Key(key.to_owned().into()))
-            }
-            fn visit_string<E>(self, key: String) -> Result<Key<'de>, E> {
-                Ok(Key(key.into()))
-            }
-        }
-        deserializer.deserialize_str(Visit)
-    }
-}
+/// A key, borrowed from the reply unless it holds escapes.
+#[derive(serde::Deserialize)]
+struct Key<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 fn price_of(value: &Value) -> Option<Price> {
     match value {
