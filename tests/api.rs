@@ -222,6 +222,78 @@ async fn refused_post_falls_back_to_the_next_bid() {
     app.stop().await;
 }
 
+/// A buyer endpoint on 127.0.0.1:0 that bids `bid` on `/ping` and answers every other path
+/// with `307 Temporary Redirect` to `to` (same path), counting the requests it gets.
+fn redirecting_buyer(
+    bid: f64,
+    to: String,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use actix_web::{HttpRequest, HttpResponse, HttpServer, web};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let hits = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = hits.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new(move || {
+        let (seen, to) = (seen.clone(), to.clone());
+        actix_web::App::new().default_service(web::to(move |req: HttpRequest| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            let location = format!("{to}{}", req.path());
+            async move {
+                if req.path() == "/ping" {
+                    HttpResponse::Ok().json(json!({ "bid": bid }))
+                } else {
+                    HttpResponse::TemporaryRedirect()
+                        .insert_header(("location", location))
+                        .finish()
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .unwrap()
+    .run();
+    actix_rt::spawn(server);
+    (format!("http://{addr}"), hits)
+}
+
+#[actix_web::test]
+async fn a_buyer_redirect_is_an_answer_and_not_followed() {
+    // Where a redirect would take the lead: a simulator that accepts every post.
+    let elsewhere = sim("90", 0);
+    let (redirector, hits) = redirecting_buyer(50.0, elsewhere.url(""));
+    let second = sim("40", 5);
+    let buyers = format!(
+        "\n[[buyers]]\nid = \"redirector\"\ncampaigns = [\"acme-auto\"]\nping_url = \"{redirector}/ping\"\npost_url = \"{redirector}/post\"\n"
+    ) + &ping_buyer("second", &second, "");
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    // The 307 on the post is a refusal: the lead falls back to the next bid...
+    assert_eq!(body["status"], "sold", "{body}");
+    assert_eq!(ids(&body), vec!["second"]);
+    assert_eq!(body["price"], json!(40.0));
+    // ...and the lead's personal data never went to where the redirect pointed.
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "one ping, one post"
+    );
+    assert_eq!((elsewhere.stats.pings(), elsewhere.stats.posts()), (0, 0));
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("leadex_buyer_posts_total")
+                && l.contains("buyer=\"redirector\"")
+                && l.contains("outcome=\"http_error\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
 #[actix_web::test]
 async fn direct_post_buyer_wins_with_its_fixed_price() {
     let (pinged, direct) = (sim("20", 1), sim("none", 0));

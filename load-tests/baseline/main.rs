@@ -92,8 +92,9 @@ fn start_log(dir: &Path) -> std::io::Result<mpsc::Sender<Durable>> {
 
 struct Shared {
     client: reqwest::Client,
-    pings: Vec<String>,
-    posts: Vec<String>,
+    /// Parsed once, as leadex parses its buyers' URLs once.
+    pings: Vec<reqwest::Url>,
+    posts: Vec<reqwest::Url>,
     ping_timeout: Duration,
     post_timeout: Duration,
     log: Option<mpsc::Sender<Durable>>,
@@ -122,7 +123,7 @@ async fn submit(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
     let pings = shared.pings.iter().map(|url| {
         let request = shared
             .client
-            .post(url)
+            .post(url.clone())
             .header("content-type", "application/json")
             .timeout(shared.ping_timeout)
             .body(ping.clone())
@@ -150,7 +151,7 @@ async fn submit(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
     let accepted = async {
         let reply: Value = shared
             .client
-            .post(&shared.posts[winner])
+            .post(shared.posts[winner].clone())
             .header("content-type", "application/json")
             .timeout(shared.post_timeout)
             .body(post)
@@ -172,6 +173,17 @@ async fn submit(shared: web::Data<Shared>, body: web::Bytes) -> HttpResponse {
     shared.answer(&lead, outcome).await
 }
 
+fn buyer_urls(buyers: &[String], path: &str) -> std::io::Result<Vec<reqwest::Url>> {
+    buyers
+        .iter()
+        .map(|base| {
+            let url = format!("{}/{path}", base.trim_end_matches('/'));
+            reqwest::Url::parse(&url)
+                .map_err(|e| std::io::Error::other(format!("buyer URL {url}: {e}")))
+        })
+        .collect()
+}
+
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let workers = if args.workers == 0 {
@@ -180,25 +192,22 @@ fn main() -> std::io::Result<()> {
         args.workers
     };
     let log = args.sync_dir.as_deref().map(start_log).transpose()?;
+    let (pings, posts) = (
+        buyer_urls(&args.buyers, "ping")?,
+        buyer_urls(&args.buyers, "post")?,
+    );
     actix_rt::System::new().block_on(async move {
         let factory_args = args.clone();
         let server = HttpServer::new(move || {
             let shared = Shared {
                 client: reqwest::Client::builder()
                     .tcp_nodelay(true)
+                    .redirect(reqwest::redirect::Policy::none())
                     .pool_max_idle_per_host(1024)
                     .build()
                     .expect("http client"),
-                pings: factory_args
-                    .buyers
-                    .iter()
-                    .map(|b| format!("{}/ping", b.trim_end_matches('/')))
-                    .collect(),
-                posts: factory_args
-                    .buyers
-                    .iter()
-                    .map(|b| format!("{}/post", b.trim_end_matches('/')))
-                    .collect(),
+                pings: pings.clone(),
+                posts: posts.clone(),
                 ping_timeout: Duration::from_millis(factory_args.ping_timeout_ms),
                 post_timeout: Duration::from_millis(factory_args.post_timeout_ms),
                 log: log.clone(),

@@ -206,7 +206,9 @@ impl BuyerActor {
     }
 
     /// HTTP/1.1 keep-alive pool (HTTP/2 when a TLS buyer offers it; h2c when asked for a
-    /// buyer this client cannot dial itself).
+    /// buyer this client cannot dial itself). Redirects are not followed: a buyer's 3xx is its
+    /// answer (no bid, or a refused post), so a lead's personal data only ever goes to the
+    /// `post_url` the operator configured.
     fn pooled_client(
         settings: &BuyerSettings,
         headers: HeaderMap,
@@ -217,6 +219,7 @@ impl BuyerActor {
         }
         client
             .default_headers(headers)
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(settings.max_in_flight.min(512))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
