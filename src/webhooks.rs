@@ -99,6 +99,9 @@ impl WebhookSender {
                 .timeout(Duration::from_secs(5))
                 .connect_timeout(Duration::from_secs(3))
                 .user_agent(concat!("leadex/", env!("CARGO_PKG_VERSION")))
+                // A 3xx is a failed delivery, retried like any other: the signed body goes
+                // only to the `webhook_url` in the config.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("a plain HTTP client builds"),
             targets: Arc::new(targets),

@@ -487,14 +487,20 @@ struct Receiver {
 }
 
 fn receiver(fail_first: usize) -> Receiver {
+    receiver_redirecting(fail_first, None)
+}
+
+/// As `receiver`, its first `fail_first` calls answered with a `307` to `redirect_to` when
+/// given.
+fn receiver_redirecting(fail_first: usize, redirect_to: Option<String>) -> Receiver {
     let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let seen = calls.clone();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = HttpServer::new(move || {
-        let seen = seen.clone();
+        let (seen, redirect_to) = (seen.clone(), redirect_to.clone());
         actix_web::App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-            let seen = seen.clone();
+            let (seen, redirect_to) = (seen.clone(), redirect_to.clone());
             async move {
                 let signature = req
                     .headers()
@@ -504,7 +510,12 @@ fn receiver(fail_first: usize) -> Receiver {
                 let mut calls = seen.lock().unwrap();
                 calls.push((signature, body.to_vec()));
                 if calls.len() <= fail_first {
-                    HttpResponse::InternalServerError().finish()
+                    match redirect_to {
+                        Some(to) => HttpResponse::TemporaryRedirect()
+                            .insert_header(("location", to))
+                            .finish(),
+                        None => HttpResponse::InternalServerError().finish(),
+                    }
                 } else {
                     HttpResponse::Ok().finish()
                 }
@@ -595,7 +606,9 @@ async fn a_pending_lead_is_sold_on_retry_when_a_buyer_starts_bidding() {
 #[actix_web::test]
 async fn a_pending_lead_turns_unsold_after_its_ttl_and_the_webhook_is_retried() {
     let buyer = sim("none", 0);
-    let hook = receiver(1);
+    // The first call is answered with a redirect, which is not followed: a failure, retried.
+    let elsewhere = receiver(0);
+    let hook = receiver_redirecting(1, Some(elsewhere.url.clone()));
     let text = with_webhook(
         config(
             &data_dir(),
@@ -628,10 +641,14 @@ async fn a_pending_lead_turns_unsold_after_its_ttl_and_the_webhook_is_retried() 
         .await;
     assert_eq!(solar_status["status"], "pending");
 
-    // The first call is refused with 500; the retry delivers the same signed body.
+    // The first call is refused with a 307; the retry delivers the same signed body.
     wait_for_calls(&hook, 2, Duration::from_secs(10)).await;
     let calls = hook.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2, "one failure, one retry, then done");
+    assert!(
+        elsewhere.calls.lock().unwrap().is_empty(),
+        "the redirect was not followed"
+    );
     assert_eq!(calls[0].1, calls[1].1);
     let event = verify(&calls[1].0, &calls[1].1);
     assert_eq!(event["event"], "lead.unsold");
