@@ -70,11 +70,23 @@ fn fast_data_dir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// Each simulator's ping and post URLs, parsed once as the exchange parses its buyers' URLs.
+fn sim_urls(sims: &[BuyerSim]) -> Vec<(reqwest::Url, reqwest::Url)> {
+    let parse = |url: String| reqwest::Url::parse(&url).expect("simulator URL");
+    sims.iter()
+        .map(|sim| (parse(sim.url("/ping")), parse(sim.url("/post"))))
+        .collect()
+}
+
 /// N pings at once straight to the simulators, the best bid, one post: what any exchange on
 /// this HTTP stack must at least spend.
-async fn bare_auction(client: &reqwest::Client, sims: &[BuyerSim], body: &Value) {
-    let pings = sims.iter().map(|sim| {
-        let request = client.post(sim.url("/ping")).json(body).send();
+async fn bare_auction(
+    client: &reqwest::Client,
+    urls: &[(reqwest::Url, reqwest::Url)],
+    body: &Value,
+) {
+    let pings = urls.iter().map(|(ping, _)| {
+        let request = client.post(ping.clone()).json(body).send();
         async move {
             let reply: Value = request.await.expect("ping").json().await.expect("bid");
             reply["bid"].as_f64().unwrap_or(0.0)
@@ -87,7 +99,7 @@ async fn bare_auction(client: &reqwest::Client, sims: &[BuyerSim], body: &Value)
             |(bi, bp), (i, p)| if *p > bp { (i, *p) } else { (bi, bp) },
         );
     let reply: Value = client
-        .post(sims[best].url("/post"))
+        .post(urls[best].1.clone())
         .json(body)
         .send()
         .await
@@ -111,12 +123,13 @@ fn exchange(c: &mut Criterion) {
             .build()
             .expect("client");
         let body = lead_json();
+        let urls = sim_urls(&sims);
         group.bench_function(BenchmarkId::new("bare_fanout", buyers), |b| {
             b.iter_custom(|iters| {
                 system.block_on(async {
                     let started = Instant::now();
                     for _ in 0..iters {
-                        bare_auction(&client, &sims, &body).await;
+                        bare_auction(&client, &urls, &body).await;
                     }
                     started.elapsed()
                 })
