@@ -228,13 +228,11 @@ fn redirecting_buyer(
     bid: f64,
     to: String,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-    use actix_web::{HttpRequest, HttpResponse, HttpServer, web};
+    use actix_web::{HttpRequest, HttpResponse, web};
     use std::sync::atomic::{AtomicU64, Ordering};
     let hits = std::sync::Arc::new(AtomicU64::new(0));
     let seen = hits.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = HttpServer::new(move || {
+    let addr = serve_loopback!(move || {
         let (seen, to) = (seen.clone(), to.clone());
         actix_web::App::new().default_service(web::to(move |req: HttpRequest| {
             seen.fetch_add(1, Ordering::Relaxed);
@@ -249,13 +247,7 @@ fn redirecting_buyer(
                 }
             }
         }))
-    })
-    .workers(1)
-    .disable_signals()
-    .listen(listener)
-    .unwrap()
-    .run();
-    actix_rt::spawn(server);
+    });
     (format!("http://{addr}"), hits)
 }
 

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use common::*;
 use hmac::{Hmac, Mac};
 use jiff::civil::date;
@@ -495,9 +494,7 @@ fn receiver(fail_first: usize) -> Receiver {
 fn receiver_redirecting(fail_first: usize, redirect_to: Option<String>) -> Receiver {
     let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let seen = calls.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = HttpServer::new(move || {
+    let addr = serve_loopback!(move || {
         let (seen, redirect_to) = (seen.clone(), redirect_to.clone());
         actix_web::App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
             let (seen, redirect_to) = (seen.clone(), redirect_to.clone());
@@ -521,13 +518,7 @@ fn receiver_redirecting(fail_first: usize, redirect_to: Option<String>) -> Recei
                 }
             }
         }))
-    })
-    .workers(1)
-    .disable_signals()
-    .listen(listener)
-    .unwrap()
-    .run();
-    actix_rt::spawn(server);
+    });
     Receiver {
         url: format!("http://{addr}/hooks/leadex"),
         calls,
@@ -671,9 +662,7 @@ struct OddBuyer {
 fn odd_buyer(ping_reply: Value, post_reply: Value) -> OddBuyer {
     let posts: Arc<Mutex<Vec<Value>>> = Arc::default();
     let seen = posts.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = HttpServer::new(move || {
+    let addr = serve_loopback!(move || {
         let (ping_reply, post_reply, seen) = (ping_reply.clone(), post_reply.clone(), seen.clone());
         actix_web::App::new()
             .route(
@@ -693,13 +682,7 @@ fn odd_buyer(ping_reply: Value, post_reply: Value) -> OddBuyer {
                     }
                 }),
             )
-    })
-    .workers(1)
-    .disable_signals()
-    .listen(listener)
-    .unwrap()
-    .run();
-    actix_rt::spawn(server);
+    });
     OddBuyer {
         base: format!("http://{addr}"),
         posts,

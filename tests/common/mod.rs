@@ -12,6 +12,27 @@ use leadex::sim::{Behaviour, BidSpec, BuyerSim};
 use leadex::startup::{Application, hash_key};
 use serde_json::{Value, json};
 
+/// Starts `actix_web::HttpServer::new($factory)` on 127.0.0.1:0 (one worker, no signal
+/// handling) on the current actix system, for tests' own stand-in buyers and receivers;
+/// evaluates to its address.
+#[allow(unused_macros)]
+macro_rules! serve_loopback {
+    ($factory:expr) => {{
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let addr = listener.local_addr().expect("its address");
+        let server = actix_web::HttpServer::new($factory)
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .expect("listens")
+            .run();
+        actix_rt::spawn(server);
+        addr
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use serve_loopback;
+
 /// Key of supplier `sup-1` (granted ACME1234 and SOLR0001).
 pub const KEY: &str = "test-key-supplier-one";
 /// Key of supplier `sup-2` (granted OTHR0001 only).
