@@ -158,6 +158,7 @@ fn exchange(c: &mut Criterion) {
                         headers: Vec::new(),
                         max_in_flight: 1024,
                         http2: false,
+                        ca_certs: Vec::new(),
                         in_flight: Default::default(),
                         mapping: ReplyMapping::default(),
                         health: health.clone(),

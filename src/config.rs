@@ -362,6 +362,10 @@ pub struct BuyerConfig {
     /// buyers get HTTP/2 by TLS negotiation whenever they offer it, without this.
     #[serde(default)]
     pub http2: bool,
+    /// PEM file of certificate authorities to trust for this buyer's `https://` URLs besides
+    /// the public roots: a buyer on a private CA, or its staging endpoint.
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// Only leads from these states (two-letter codes).
     #[serde(default)]
     pub states: Vec<Spanned<String>>,
@@ -1034,6 +1038,18 @@ impl Config {
                     ));
                 }
             }
+            if buyer.ca_file.is_some()
+                && !buyer
+                    .ping_url
+                    .iter()
+                    .chain(std::iter::once(&buyer.post_url))
+                    .any(|url| url.starts_with("https://"))
+            {
+                problems.push(format!(
+                    "buyers.ca_file (buyer `{id}`, line {}): only used for https:// URLs, and this buyer has none",
+                    at(&buyer.id)
+                ));
+            }
             if buyer.max_in_flight == 0 {
                 problems.push(format!(
                     "buyers.max_in_flight (buyer `{id}`): must be at least 1"
@@ -1188,6 +1204,20 @@ post_url = "http://127.0.0.1:9001/post"
             err.contains("bogus_key") && err.contains("line 24"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_ca_file_needs_an_https_url() {
+        let err = Config::from_toml(&format!("{BASE}ca_file = \"ca.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("buyers.ca_file (buyer `buyer-a`, line 20)") && err.contains("https://"),
+            "{err}"
+        );
+        let https = BASE.replace("http://127.0.0.1:9001/post", "https://127.0.0.1:9001/post");
+        let config = Config::from_toml(&format!("{https}ca_file = \"ca.pem\"\n")).unwrap();
+        assert_eq!(config.buyers[0].ca_file.as_deref(), Some("ca.pem"));
     }
 
     #[test]

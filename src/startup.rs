@@ -404,6 +404,8 @@ struct PlanInner {
     buyers: Vec<crate::config::BuyerConfig>,
     campaigns: Vec<crate::config::CampaignConfig>,
     health: HashMap<String, (Arc<BuyerHealth>, Arc<AtomicUsize>)>,
+    /// Each buyer's `ca_file`, read once.
+    ca_certs: HashMap<String, Vec<reqwest::Certificate>>,
     services: CampaignServices,
 }
 
@@ -426,11 +428,21 @@ impl ActorPlan {
             );
             health.insert(buyer.id.get_ref().clone(), shared);
         }
+        let mut ca_certs = HashMap::new();
+        for buyer in &config.buyers {
+            if let Some(path) = &buyer.ca_file {
+                let certs = crate::actors::buyer::read_ca_file(path).map_err(|e| {
+                    StartupError::Invalid(format!("buyer {}: ca_file {e}", buyer.id.get_ref()))
+                })?;
+                ca_certs.insert(buyer.id.get_ref().clone(), certs);
+            }
+        }
         let plan = ActorPlan {
             inner: Arc::new(PlanInner {
                 buyers: config.buyers.clone(),
                 campaigns: config.campaigns.clone(),
                 health,
+                ca_certs,
                 services,
             }),
         };
@@ -454,6 +466,12 @@ impl ActorPlan {
                 .collect(),
             max_in_flight: buyer.max_in_flight,
             http2: buyer.http2,
+            ca_certs: self
+                .inner
+                .ca_certs
+                .get(buyer.id.get_ref())
+                .cloned()
+                .unwrap_or_default(),
             in_flight: in_flight.clone(),
             mapping: buyer.reply_mapping(),
             health: health.clone(),

@@ -286,6 +286,108 @@ async fn a_buyer_redirect_is_an_answer_and_not_followed() {
     app.stop().await;
 }
 
+/// `[[buyers]]` for a ping-post buyer behind `front`, with `extra` lines.
+fn https_buyer(id: &str, front: &TlsFront, extra: &str) -> String {
+    format!(
+        "\n[[buyers]]\nid = \"{id}\"\ncampaigns = [\"acme-auto\"]\nping_url = \"{}\"\npost_url = \"{}\"\n{extra}\n",
+        front.url("/ping"),
+        front.url("/post")
+    )
+}
+
+#[actix_web::test]
+async fn an_https_buyer_on_its_own_ca_is_pinged_and_posted_over_tls_and_http2() {
+    let buyer = sim("60", 0);
+    let front = tls_front(buyer.addr);
+    let second = sim("40", 0);
+    let data = data_dir();
+    let ca_file = data.join("buyer-ca.pem");
+    std::fs::write(&ca_file, &front.ca_pem).unwrap();
+    let buyers = https_buyer(
+        "secure",
+        &front,
+        &format!("ca_file = \"{}\"", ca_file.display()),
+    ) + &ping_buyer("second", &second, "");
+    let app = TestApp::spawn(&config(&data, "", &buyers)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "sold", "{body}");
+    assert_eq!(ids(&body), vec!["secure"]);
+    assert_eq!(body["price"], json!(60.0));
+    assert_eq!((buyer.stats.pings(), buyer.stats.posts()), (1, 1));
+    // The buyer offered HTTP/2 by ALPN, so the ping and the post went as streams of it.
+    let handshakes = front.handshakes();
+    assert!(
+        !handshakes.is_empty() && handshakes.iter().all(|p| p == "h2"),
+        "{handshakes:?}"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn an_https_buyer_whose_certificate_is_not_trusted_gets_no_ping() {
+    let buyer = sim("60", 0);
+    let front = tls_front(buyer.addr);
+    let second = sim("40", 0);
+    // No ca_file: the buyer's CA is none of the public roots.
+    let buyers = https_buyer("secure", &front, "") + &ping_buyer("second", &second, "");
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "sold", "{body}");
+    assert_eq!(ids(&body), vec!["second"]);
+    assert_eq!(body["price"], json!(40.0));
+    assert_eq!((buyer.stats.pings(), buyer.stats.posts()), (0, 0));
+    assert!(front.handshakes().is_empty(), "{:?}", front.handshakes());
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("leadex_buyer_pings_total")
+                && l.contains("buyer=\"secure\"")
+                && l.contains("outcome=\"transport_error\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_post_that_cannot_be_delivered_falls_back_and_its_cause_is_in_the_auction_log() {
+    let bidder = sim("50", 0);
+    // Its posts go to a loopback port with nothing listening on it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let second = sim("40", 0);
+    let buyers = format!(
+        "\n[[buyers]]\nid = \"gone\"\ncampaigns = [\"acme-auto\"]\nping_url = \"{}\"\npost_url = \"http://{closed}/post\"\n",
+        bidder.url("/ping")
+    ) + &ping_buyer("second", &second, "");
+    let (app, store) = TestApp::spawn_with_store(&config(&data_dir(), "", &buyers)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "sold", "{body}");
+    assert_eq!(ids(&body), vec!["second"]);
+    let record = store
+        .get_lead(body["lead_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .expect("stored");
+    let reason = record.auction_log.iter().find_map(|event| match event {
+        leadex::storage::AuctionEvent::Post {
+            buyer,
+            outcome,
+            reason,
+            ..
+        } if buyer == "gone" => Some((outcome.clone(), reason.clone())),
+        _ => None,
+    });
+    let (outcome, reason) = reason.expect("gone's post is in the auction log");
+    assert_eq!(outcome, "transport_error");
+    let reason = reason.unwrap_or_default();
+    assert!(reason.contains("Connection refused"), "{reason}");
+    app.stop().await;
+}
+
 #[actix_web::test]
 async fn direct_post_buyer_wins_with_its_fixed_price() {
     let (pinged, direct) = (sim("20", 1), sim("none", 0));

@@ -1,7 +1,7 @@
 //! One actor per buyer: owns the buyer's pooled keep-alive HTTP client, caps its requests in
 //! flight, and reports every ping and post outcome. Protocol decisions live in `buyers/`.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ pub struct BuyerHealth {
     id: String,
     breaker: Mutex<Breaker>,
     clock: Clock,
+    /// When a failed ping was last logged (ms): a buyer that is down fails every ping.
+    failure_logged_ms: AtomicI64,
 }
 
 impl BuyerHealth {
@@ -33,7 +35,19 @@ impl BuyerHealth {
             id: id.to_owned(),
             breaker: Mutex::new(Breaker::new(failures_to_open, cooldown.as_millis() as i64)),
             clock,
+            failure_logged_ms: AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// Whether a failure now is the first in a minute for this buyer (then it is logged).
+    pub fn first_failure_in_a_minute(&self) -> bool {
+        let now = self.clock.now_ms();
+        let last = self.failure_logged_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 60_000
+            && self
+                .failure_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     pub fn state(&self) -> BreakerState {
@@ -106,6 +120,8 @@ pub struct BuyerSettings {
     pub max_in_flight: usize,
     /// h2c with prior knowledge (`http2` in the config).
     pub http2: bool,
+    /// Certificate authorities trusted for this buyer besides the public roots (`ca_file`).
+    pub ca_certs: Vec<reqwest::Certificate>,
     /// Requests in flight to this buyer from every actor of it on this node (one per HTTP
     /// worker), so `max_in_flight` holds per node.
     pub in_flight: Arc<AtomicUsize>,
@@ -155,9 +171,24 @@ impl BuyerMetrics {
 
 enum CallError {
     Timeout,
-    Transport,
+    /// No answer could be had (refused, reset, TLS); why, for the log.
+    Transport(String),
     TooLarge,
     Overloaded,
+}
+
+/// A transport failure with its whole chain of causes: `what: error: cause: cause`. The
+/// deepest cause is usually the one an operator can act on (`Connection refused`,
+/// `invalid peer certificate: UnknownIssuer`).
+fn transport(what: &str, error: &dyn std::error::Error) -> CallError {
+    use std::fmt::Write;
+    let mut why = format!("{what}: {error}");
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let _ = write!(why, ": {e}");
+        cause = e.source();
+    }
+    CallError::Transport(why)
 }
 
 impl BuyerActor {
@@ -217,6 +248,9 @@ impl BuyerActor {
         if settings.http2 {
             client = client.http2_prior_knowledge();
         }
+        for cert in &settings.ca_certs {
+            client = client.add_root_certificate(cert.clone());
+        }
         client
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
@@ -230,6 +264,16 @@ impl BuyerActor {
 }
 
 const USER_AGENT: &str = concat!("leadex/", env!("CARGO_PKG_VERSION"));
+
+/// The certificates of a buyer's `ca_file` (PEM, one or more), read once at start-up.
+pub fn read_ca_file(path: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path}: no PEM certificate in it"));
+    }
+    Ok(certs)
+}
 
 /// How requests reach a buyer.
 enum Transport {
@@ -325,7 +369,7 @@ impl H2c {
         )
         .await
         .map_err(|_| CallError::Timeout)?
-        .map_err(|_| CallError::Transport)?;
+        .map_err(|e| transport("connect", &e))?;
         let _ = stream.set_nodelay(true);
         let (sender, mut connection) = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -333,7 +377,7 @@ impl H2c {
         )
         .await
         .map_err(|_| CallError::Timeout)?
-        .map_err(|_| CallError::Transport)?;
+        .map_err(|e| transport("h2c handshake", &e))?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
         let authority = self.authority.clone();
@@ -379,7 +423,10 @@ impl H2c {
     /// Dropping the future (the deadline) resets the stream.
     async fn call(&self, uri: &http::Uri, body: Bytes) -> Result<(u16, Bytes), CallError> {
         let sender = self.sender().await?;
-        let mut sender = sender.ready().await.map_err(|_| CallError::Transport)?;
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|e| transport("h2c stream", &e))?;
         let mut request = http::Request::new(());
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri.clone();
@@ -388,18 +435,18 @@ impl H2c {
         let end_of_stream = body.is_empty();
         let (response, mut stream) = sender
             .send_request(request, end_of_stream)
-            .map_err(|_| CallError::Transport)?;
+            .map_err(|e| transport("h2c request", &e))?;
         if !end_of_stream {
             stream
                 .send_data(body, true)
-                .map_err(|_| CallError::Transport)?;
+                .map_err(|e| transport("h2c request body", &e))?;
         }
-        let response = response.await.map_err(|_| CallError::Transport)?;
+        let response = response.await.map_err(|e| transport("h2c reply", &e))?;
         let status = response.status().as_u16();
         let mut recv = response.into_body();
         let mut reply = BytesMut::new();
         while let Some(chunk) = recv.data().await {
-            let chunk = chunk.map_err(|_| CallError::Transport)?;
+            let chunk = chunk.map_err(|e| transport("h2c reply body", &e))?;
             let _ = recv.flow_control().release_capacity(chunk.len());
             if reply.len() + chunk.len() > MAX_REPLY_BYTES {
                 return Err(CallError::TooLarge);
@@ -485,12 +532,16 @@ async fn pooled_call(
             if e.is_timeout() {
                 CallError::Timeout
             } else {
-                CallError::Transport
+                transport("request", &e)
             }
         })?;
     let status = response.status().as_u16();
     let mut reply = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|_| CallError::Transport)? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport("reply body", &e))?
+    {
         if reply.len() + chunk.len() > MAX_REPLY_BYTES {
             return Err(CallError::TooLarge);
         }
@@ -514,7 +565,12 @@ impl Handler<Ping> for BuyerActor {
                 {
                     Ok((status, body)) => buyers::parse_ping_reply(status, &body, &inner.mapping),
                     Err(CallError::Timeout) => PingReply::NoBid(NoBid::Timeout),
-                    Err(CallError::Transport) => PingReply::NoBid(NoBid::Transport),
+                    Err(CallError::Transport(why)) => {
+                        if inner.health.first_failure_in_a_minute() {
+                            tracing::warn!(buyer = %inner.id, error = %why, "buyer ping failed");
+                        }
+                        PingReply::NoBid(NoBid::Transport)
+                    }
                     Err(CallError::TooLarge) => PingReply::NoBid(NoBid::BadBody),
                     Err(CallError::Overloaded) => PingReply::NoBid(NoBid::Overloaded),
                 },
@@ -553,7 +609,8 @@ impl Handler<Post> for BuyerActor {
             {
                 Ok((status, body)) => buyers::parse_post_reply(status, &body, &inner.mapping),
                 Err(CallError::Timeout) => PostReply::Refused(Refusal::Timeout, None),
-                Err(CallError::Transport) => PostReply::Refused(Refusal::Transport, None),
+                // Why goes to the auction log, and the campaign logs it with the lead.
+                Err(CallError::Transport(why)) => PostReply::Refused(Refusal::Transport, Some(why)),
                 Err(CallError::TooLarge) => PostReply::Refused(Refusal::BadBody, None),
                 Err(CallError::Overloaded) => PostReply::Refused(Refusal::Overloaded, None),
             };
@@ -574,5 +631,52 @@ impl Handler<Post> for BuyerActor {
             inner.metrics.post_duration.record(latency.as_secs_f64());
             PostResult { reply, latency }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_ping_is_logged_once_a_minute_per_buyer() {
+        let clock = Clock::manual(1_000);
+        let health = BuyerHealth::new("b", 5, Duration::from_secs(30), clock.clone());
+        assert!(health.first_failure_in_a_minute());
+        assert!(!health.first_failure_in_a_minute());
+        clock.advance_ms(59_999);
+        assert!(!health.first_failure_in_a_minute());
+        clock.advance_ms(1);
+        assert!(health.first_failure_in_a_minute());
+        assert!(!health.first_failure_in_a_minute());
+    }
+
+    #[actix_rt::test]
+    async fn a_transport_failure_names_its_deepest_cause() {
+        // A loopback port with nothing listening on it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = reqwest::Client::new();
+        let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}/ping")).unwrap();
+        let Err(CallError::Transport(why)) = pooled_call(&client, &url, Bytes::new()).await else {
+            panic!("a closed port is a transport failure");
+        };
+        assert!(why.starts_with("request: error sending request"), "{why}");
+        assert!(why.contains("Connection refused"), "{why}");
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = read_ca_file(missing.to_str().unwrap()).unwrap_err();
+        assert!(err.starts_with(missing.to_str().unwrap()), "{err}");
+        let empty = dir.path().join("key-only.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = read_ca_file(empty.to_str().unwrap()).unwrap_err();
+        assert!(err.ends_with("no PEM certificate in it"), "{err}");
     }
 }

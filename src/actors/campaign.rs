@@ -495,7 +495,12 @@ impl Shared {
                     PostReply::Accepted => ("accepted", None),
                     PostReply::Refused(why, reason) => (why.as_str(), reason.clone()),
                 };
-                tracing::debug!(buyer = %buyer.id, outcome, price = %bid.price, "post answered");
+                if let PostReply::Refused(Refusal::Transport, Some(why)) = &result.reply {
+                    // Every one: the buyer may have taken the lead without its answer arriving.
+                    tracing::warn!(buyer = %buyer.id, error = %why, "buyer post failed");
+                } else {
+                    tracing::debug!(buyer = %buyer.id, outcome, price = %bid.price, "post answered");
+                }
                 log.push(AuctionEvent::Post {
                     buyer: buyer.id.clone(),
                     price_cents: bid.price.cents(),

@@ -92,6 +92,85 @@ pub fn sim_with(behaviour: Behaviour) -> BuyerSim {
     BuyerSim::start("127.0.0.1:0", behaviour, 1).expect("buyer simulator")
 }
 
+/// A buyer on HTTPS: a TLS endpoint on 127.0.0.1:0 with a certificate for 127.0.0.1 and
+/// localhost signed by its own CA, offering HTTP/2 and HTTP/1.1 by ALPN, that passes each
+/// connection's bytes on to the plain simulator at `target`.
+pub struct TlsFront {
+    pub addr: std::net::SocketAddr,
+    /// The CA that signed its certificate, as PEM.
+    pub ca_pem: String,
+    /// The protocol each completed handshake settled on (`h2`, `http/1.1`).
+    handshakes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TlsFront {
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    pub fn handshakes(&self) -> Vec<String> {
+        self.handshakes.lock().expect("handshakes").clone()
+    }
+}
+
+/// Starts a `TlsFront` for `target` on the current actix system.
+pub fn tls_front(target: std::net::SocketAddr) -> TlsFront {
+    use tokio_rustls::rustls;
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "leadex test buyer CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("names")
+        .signed_by(&key, &ca)
+        .expect("certificate");
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+    .expect("server certificate");
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let addr = listener.local_addr().expect("its address");
+    let handshakes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = handshakes.clone();
+    actix_rt::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            actix_rt::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let alpn = tls.get_ref().1.alpn_protocol().unwrap_or(b"none");
+                seen.lock()
+                    .expect("handshakes")
+                    .push(String::from_utf8_lossy(alpn).into_owned());
+                if let Ok(mut plain) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    TlsFront {
+        addr,
+        ca_pem: ca.pem(),
+        handshakes,
+    }
+}
+
 pub fn price(text: &str) -> Price {
     Price::parse_decimal(text).unwrap()
 }
