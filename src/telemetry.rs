@@ -556,6 +556,20 @@ mod process {
     }
 }
 
+/// An error with its whole chain of causes, `error: cause: cause`: the deepest is usually
+/// the one an operator can act on (`Connection refused`, `invalid peer certificate:
+/// UnknownIssuer`), and an HTTP client's own message names none of them.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    use std::fmt::Write;
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let _ = write!(text, ": {e}");
+        cause = e.source();
+    }
+    text
+}
+
 /// Sets up `tracing` output once: `text` for people, `json` for log pipelines. The level comes
 /// from `RUST_LOG` (default `info`).
 pub fn init_logging(format: &str) {
@@ -584,4 +598,41 @@ pub fn init_logging_at(format: &str, default_level: &str) {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Wrapped(&'static str, Option<Box<Wrapped>>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_names_every_cause_down_to_the_deepest() {
+        let error = Wrapped(
+            "error sending request",
+            Some(Box::new(Wrapped(
+                "client error (Connect)",
+                Some(Box::new(Wrapped(
+                    "invalid peer certificate: UnknownIssuer",
+                    None,
+                ))),
+            ))),
+        );
+        assert_eq!(
+            super::error_chain(&error),
+            "error sending request: client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(super::error_chain(&Wrapped("alone", None)), "alone");
+    }
 }

@@ -141,7 +141,7 @@ impl WebhookSender {
                 }
                 let why = match sent {
                     Ok(r) => format!("status {}", r.status().as_u16()),
-                    Err(e) => e.to_string(),
+                    Err(e) => telemetry::error_chain(&e),
                 };
                 if attempt < MAX_ATTEMPTS {
                     counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "retry").increment(1);

@@ -177,18 +177,9 @@ enum CallError {
     Overloaded,
 }
 
-/// A transport failure with its whole chain of causes: `what: error: cause: cause`. The
-/// deepest cause is usually the one an operator can act on (`Connection refused`,
-/// `invalid peer certificate: UnknownIssuer`).
+/// A transport failure with its whole chain of causes (`what: error: cause: cause`).
 fn transport(what: &str, error: &dyn std::error::Error) -> CallError {
-    use std::fmt::Write;
-    let mut why = format!("{what}: {error}");
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let _ = write!(why, ": {e}");
-        cause = e.source();
-    }
-    CallError::Transport(why)
+    CallError::Transport(format!("{what}: {}", telemetry::error_chain(error)))
 }
 
 impl BuyerActor {
