@@ -270,7 +270,7 @@ fn promtool_accepts_the_config_and_rules_and_every_alert_unit_test_passes() {
     let config = promtool(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("SUCCESS"), "{config}");
     let rules = promtool(&["check", "rules", "alerts.yml"]);
-    assert!(rules.contains("SUCCESS: 7 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 8 rules found"), "{rules}");
     let tests = promtool(&["test", "rules", "alerts_test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
 
@@ -283,7 +283,7 @@ fn promtool_accepts_the_config_and_rules_and_every_alert_unit_test_passes() {
             "alert {alert} has no promtool unit test in which it fires"
         );
     }
-    assert_eq!(alerts.len(), 7, "{alerts:?}");
+    assert_eq!(alerts.len(), 8, "{alerts:?}");
 }
 
 /// `alert:` names of alerts.yml.
@@ -658,6 +658,8 @@ async fn every_dashboard_and_alert_expression_names_only_metrics_the_app_exports
         "leadex_http_requests_total",
         "leadex_http_request_duration_seconds_bucket",
         "leadex_auctions_in_flight",
+        "leadex_buyer_breaker_state",
+        "leadex_buyer_skipped_total",
         "leadex_storage_write_duration_seconds_bucket",
         "leadex_storage_errors_total",
         "leadex_rate_limit_check_duration_seconds_bucket",
@@ -894,7 +896,7 @@ async fn prometheus_scrapes_leads_total_by_campaign_and_outcome() {
         .as_array()
         .unwrap()
         .len();
-    assert_eq!(loaded, 7, "{rules}");
+    assert_eq!(loaded, 8, "{rules}");
 }
 
 // ---------------------------------------------------------------------------------------
