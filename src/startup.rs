@@ -91,6 +91,8 @@ impl Application {
             config.buyers.iter().map(|b| b.id.get_ref().as_str()),
         );
 
+        // Before the store opens, so a start that stops here leaves no data folder behind.
+        let ca_certs = read_ca_files(&config)?;
         let store: Arc<dyn LeadStore> = crate::storage::open(&config.storage).await?;
         let limiter: SharedLimiter = ratelimit::from_config(&config.rate_limit)
             .await
@@ -124,7 +126,7 @@ impl Application {
             drain: drain.clone(),
             reauctions: false,
         };
-        let plan = ActorPlan::new(&config, services, clock.clone())?;
+        let plan = ActorPlan::new(&config, services, clock.clone(), ca_certs)?;
         // Each HTTP worker starts its own buyer and campaign actors (in the app factory
         // below), so a lead's auction, its pings and posts run on the thread that received
         // it. Re-auctions of pending leads run on one more set on the home arbiter, which
@@ -409,11 +411,28 @@ struct PlanInner {
     services: CampaignServices,
 }
 
+/// Each buyer's `ca_file`, read once.
+fn read_ca_files(
+    config: &Config,
+) -> Result<HashMap<String, Vec<reqwest::Certificate>>, StartupError> {
+    let mut ca_certs = HashMap::new();
+    for buyer in &config.buyers {
+        if let Some(path) = &buyer.ca_file {
+            let certs = crate::actors::buyer::read_ca_file(path).map_err(|e| {
+                StartupError::Invalid(format!("buyer {}: ca_file {e}", buyer.id.get_ref()))
+            })?;
+            ca_certs.insert(buyer.id.get_ref().clone(), certs);
+        }
+    }
+    Ok(ca_certs)
+}
+
 impl ActorPlan {
     fn new(
         config: &Config,
         services: CampaignServices,
         clock: crate::clock::Clock,
+        ca_certs: HashMap<String, Vec<reqwest::Certificate>>,
     ) -> Result<ActorPlan, StartupError> {
         let mut health = HashMap::new();
         for buyer in &config.buyers {
@@ -427,15 +446,6 @@ impl ActorPlan {
                 Arc::new(AtomicUsize::new(0)),
             );
             health.insert(buyer.id.get_ref().clone(), shared);
-        }
-        let mut ca_certs = HashMap::new();
-        for buyer in &config.buyers {
-            if let Some(path) = &buyer.ca_file {
-                let certs = crate::actors::buyer::read_ca_file(path).map_err(|e| {
-                    StartupError::Invalid(format!("buyer {}: ca_file {e}", buyer.id.get_ref()))
-                })?;
-                ca_certs.insert(buyer.id.get_ref().clone(), certs);
-            }
         }
         let plan = ActorPlan {
             inner: Arc::new(PlanInner {

@@ -351,6 +351,26 @@ async fn an_https_buyer_whose_certificate_is_not_trusted_gets_no_ping() {
 }
 
 #[actix_web::test]
+async fn a_ca_file_that_cannot_be_read_stops_the_start_before_the_store_opens() {
+    let data = data_dir().join("never-made");
+    let buyers = format!(
+        "\n[[buyers]]\nid = \"secure\"\ncampaigns = [\"acme-auto\"]\nping_url = \"https://127.0.0.1:1/ping\"\npost_url = \"https://127.0.0.1:1/post\"\nca_file = \"{}\"\n",
+        data.with_file_name("missing.pem").display()
+    );
+    let config = leadex::config::Config::from_toml(&config(&data, "", &buyers)).unwrap();
+    let err = leadex::startup::Application::build(config, None)
+        .await
+        .err()
+        .expect("no start without the buyer's CA")
+        .to_string();
+    assert!(
+        err.starts_with("buyer secure: ca_file ") && err.contains("missing.pem"),
+        "{err}"
+    );
+    assert!(!data.exists(), "the store was not opened");
+}
+
+#[actix_web::test]
 async fn a_post_that_cannot_be_delivered_falls_back_and_its_cause_is_in_the_auction_log() {
     let bidder = sim("50", 0);
     // Its posts go to a loopback port with nothing listening on it.
