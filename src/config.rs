@@ -1043,7 +1043,7 @@ impl Config {
                     .ping_url
                     .iter()
                     .chain(std::iter::once(&buyer.post_url))
-                    .any(|url| url.starts_with("https://"))
+                    .any(|url| reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "https"))
             {
                 problems.push(format!(
                     "buyers.ca_file (buyer `{id}`, line {}): only used for https:// URLs, and this buyer has none",

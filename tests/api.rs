@@ -274,13 +274,12 @@ async fn a_buyer_redirect_is_an_answer_and_not_followed() {
     );
     assert_eq!((elsewhere.stats.pings(), elsewhere.stats.posts()), (0, 0));
     let metrics = app.metrics().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("leadex_buyer_posts_total")
-                && l.contains("buyer=\"redirector\"")
-                && l.contains("outcome=\"http_error\"")
-                && l.ends_with(" 1")),
+    assert_eq!(
+        metric(
+            &metrics,
+            "leadex_buyer_posts_total{buyer=\"redirector\",outcome=\"http_error\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
     app.stop().await;
@@ -338,13 +337,12 @@ async fn an_https_buyer_whose_certificate_is_not_trusted_gets_no_ping() {
     assert_eq!((buyer.stats.pings(), buyer.stats.posts()), (0, 0));
     assert!(front.handshakes().is_empty(), "{:?}", front.handshakes());
     let metrics = app.metrics().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("leadex_buyer_pings_total")
-                && l.contains("buyer=\"secure\"")
-                && l.contains("outcome=\"transport_error\"")
-                && l.ends_with(" 1")),
+    assert_eq!(
+        metric(
+            &metrics,
+            "leadex_buyer_pings_total{buyer=\"secure\",outcome=\"transport_error\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
     app.stop().await;

@@ -49,14 +49,6 @@ fn bidding(bid: &str) -> Behaviour {
     }
 }
 
-/// The value of one series in the Prometheus page, e.g. `name{buyer="x"}`.
-fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Polls GET /api/leads/{id} until its status is `want` or `within` passes.
 async fn wait_for_status(app: &TestApp, lead_id: &str, want: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;

@@ -171,6 +171,14 @@ pub fn tls_front(target: std::net::SocketAddr) -> TlsFront {
     }
 }
 
+/// The value of one series in the Prometheus page, e.g. `name{buyer="x"}`.
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn price(text: &str) -> Price {
     Price::parse_decimal(text).unwrap()
 }
