@@ -63,13 +63,14 @@ fn buyer_bodies(c: &mut Criterion) {
             )
         })
     });
+    let token = serde_json::Value::String("01JDQ0000000000000000000PI".to_owned());
     group.bench_function("post", |b| {
         b.iter(|| {
             post_body(&PostRequest {
                 ping_id: black_box("01JDQ0000000000000000000PI"),
                 lead_id: "01JDQ0000000000000000000LD",
                 price: Price::from_cents(4250),
-                token: Some("01JDQ0000000000000000000PI"),
+                token: Some(&token),
                 campaign: "acme-auto",
                 category: "Auto Insurance",
                 lead: &lead.fields,
@@ -98,7 +99,7 @@ fn bids(n: usize) -> Vec<Bid> {
             answered_after: Duration::from_micros(((i * 104_729) % 300_000) as u64),
             direct: i % 11 == 0,
             buyer_floor: Price::from_cents(if i % 5 == 0 { 2500 } else { 0 }),
-            token: (i % 2 == 0).then(|| format!("token-{i}")),
+            token: (i % 2 == 0).then(|| serde_json::Value::String(format!("token-{i}"))),
         })
         .collect()
 }

@@ -561,11 +561,13 @@ impl BuyerConfig {
             bid_path: self.bid_path.clone().unwrap_or(default.bid_path),
             token_path: self.token_path.clone().unwrap_or(default.token_path),
             accept_path: self.accept_path.clone().unwrap_or(default.accept_path),
-            accept_value: self
-                .accept_value
-                .as_ref()
-                .map(ScalarConfig::to_text)
-                .filter(|v| v != "true"),
+            // The boolean `true` is the default (a JSON `true` only); any other value, the
+            // text "true" included, is compared as text: a buyer configured with
+            // `accept_value = "true"` answers `{"accepted": "true"}`, and that is a purchase.
+            accept_value: match &self.accept_value {
+                None | Some(ScalarConfig::Bool(true)) => None,
+                Some(value) => Some(value.to_text()),
+            },
         }
     }
 }
@@ -1294,6 +1296,27 @@ post_url = "http://127.0.0.1:9001/post"
         );
         let config = Config::from_toml(&format!("{BASE}accept_value = true\n")).unwrap();
         assert_eq!(config.buyers[0].reply_mapping(), ReplyMapping::default());
+        // The text "true" is what this buyer answers with: its string, in any case, and a JSON
+        // true are purchases.
+        let config = Config::from_toml(&format!("{BASE}accept_value = \"true\"\n")).unwrap();
+        let mapping = config.buyers[0].reply_mapping();
+        for reply in [
+            r#"{"accepted": "true"}"#,
+            r#"{"accepted": "TRUE"}"#,
+            r#"{"accepted": true}"#,
+        ] {
+            assert_eq!(
+                crate::buyers::parse_post_reply(200, reply.as_bytes(), &mapping),
+                crate::buyers::PostReply::Accepted,
+                "{reply}"
+            );
+        }
+        let config = Config::from_toml(&format!("{BASE}accept_value = \"TRUE\"\n")).unwrap();
+        let reply = br#"{"accepted": true}"#;
+        assert_eq!(
+            crate::buyers::parse_post_reply(200, reply, &config.buyers[0].reply_mapping()),
+            crate::buyers::PostReply::Accepted
+        );
         let config = Config::from_toml(&format!("{BASE}accept_value = 1\n")).unwrap();
         assert_eq!(
             config.buyers[0].reply_mapping().accept_value.as_deref(),

@@ -222,6 +222,77 @@ async fn refused_post_falls_back_to_the_next_bid() {
     app.stop().await;
 }
 
+#[actix_web::test]
+async fn a_post_that_times_out_falls_back_and_the_next_bid_gets_its_own_post_timeout() {
+    // post_timeout_ms is 1000 in the test config: the winner takes 1.5 s to answer its post,
+    // the next bid 0.6 s, which fits its own timeout and not what the winner's left.
+    let slow = sim_with(Behaviour {
+        bid: BidSpec::parse("50").unwrap(),
+        post_latency_ms: (1500, 1500),
+        ..Behaviour::default()
+    });
+    let next = sim_with(Behaviour {
+        bid: BidSpec::parse("40").unwrap(),
+        post_latency_ms: (600, 600),
+        ..Behaviour::default()
+    });
+    let buyers = ping_buyer("slow", &slow, "") + &ping_buyer("next", &next, "");
+    let (app, store) = TestApp::spawn_with_store(&config(&data_dir(), "", &buyers)).await;
+    let started = Instant::now();
+    let (status, body) = app.post_lead(&lead()).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("sold")),
+        "{body}"
+    );
+    assert_eq!(ids(&body), vec!["next"]);
+    assert_eq!(body["price"], json!(40.0));
+    assert_eq!((slow.stats.posts(), next.stats.posts()), (1, 1));
+    assert!(
+        took >= Duration::from_millis(1600),
+        "answered after {took:?}"
+    );
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"leadex_buyer_posts_total{buyer="slow",outcome="timeout"}"#
+        ),
+        Some(1.0)
+    );
+    // The auction log has the timed-out post, with the time it was given, then the sale.
+    let record = store
+        .get_lead(body["lead_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .expect("stored");
+    let posts: Vec<(String, String, u64)> = record
+        .auction_log
+        .iter()
+        .filter_map(|event| match event {
+            leadex::storage::AuctionEvent::Post {
+                buyer,
+                outcome,
+                latency_us,
+                ..
+            } => Some((buyer.clone(), outcome.clone(), *latency_us)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(posts.len(), 2, "{posts:?}");
+    assert_eq!(
+        (posts[0].0.as_str(), posts[0].1.as_str()),
+        ("slow", "timeout")
+    );
+    assert!(posts[0].2 >= 1_000_000, "{posts:?}");
+    assert_eq!(
+        (posts[1].0.as_str(), posts[1].1.as_str()),
+        ("next", "accepted")
+    );
+    app.stop().await;
+}
+
 /// A buyer endpoint on 127.0.0.1:0 that bids `bid` on `/ping` and answers every other path
 /// with `307 Temporary Redirect` to `to` (same path), counting the requests it gets.
 fn redirecting_buyer(
@@ -957,8 +1028,56 @@ async fn fields_come_from_query_json_and_forms_and_sellers_match_by_code_or_slug
     let (status, body) = app.post_lead(&l).await;
     assert_eq!(status, 200, "{body}");
 
+    // Text that is not UTF-8 once decoded is bad encoding, in a form body as in the query
+    // (Latin-1 from an old form), not a name with a replacement character in it.
+    let form = "seller=acme&category=auto+insurance&firstName=Jos%E9&lastName=Lee&phone=5559876543&state=ny";
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads",
+        Some(KEY),
+        Some("application/x-www-form-urlencoded"),
+        form.as_bytes().to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (400, "Invalid request body"),
+        "{text}"
+    );
+    assert!(text.contains("firstName"), "{text}");
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::POST,
+        "/api/leads?city=%FF",
+        Some(KEY),
+        Some("application/json"),
+        serde_json::to_vec(&lead()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (400, "Invalid request body"),
+        "{text}"
+    );
+    // A zip of ten bytes with a character across its fifth is an invalid field (it used to
+    // panic the handler); a phone written with en dashes is a phone.
+    let mut l = lead();
+    l["zip"] = json!("1234\u{20AC}123");
+    let (status, body) = app.post_lead(&l).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "Invalid field");
+    assert_eq!(body["fields"], json!(["zip"]));
+    let mut l = lead();
+    l["phone"] = json!("555\u{2013}123\u{2013}4567");
+    l["homeowner"] = json!("dash");
+    let (status, body) = app.post_lead(&l).await;
+    assert_eq!(status, 200, "{body}");
+
     let posts = buyer.stats.post_bodies();
-    assert_eq!(posts.len(), 4);
+    assert_eq!(posts.len(), 5);
+    assert_eq!(posts[4]["lead"]["homeowner"], "dash");
+    assert_eq!(posts[4]["lead"]["phone"], "5551234567");
     assert_eq!(
         posts[0]["lead"]["homeowner"], "yes",
         "unknown query field reaches the buyer"
@@ -975,6 +1094,30 @@ async fn fields_come_from_query_json_and_forms_and_sellers_match_by_code_or_slug
         posts[2]["lead"]["creditScore"], "720",
         "form values pass on as sent"
     );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_required_field_the_exchange_does_not_know_is_passed_on_as_sent() {
+    let buyer = sim("10", 0);
+    let app = TestApp::spawn(&config(
+        &data_dir(),
+        "required_fields = [\"homeowner\"]",
+        &ping_buyer("a", &buyer, ""),
+    ))
+    .await;
+    let mut l = lead();
+    l["homeowner"] = json!(true);
+    let (status, body) = app.post_lead(&l).await;
+    assert_eq!(status, 200, "{body}");
+    l["homeowner"] = json!("  ");
+    let (status, body) = app.post_lead(&l).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "Missing required field");
+    assert_eq!(body["fields"], json!(["homeowner"]));
+    let posts = buyer.stats.post_bodies();
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0]["lead"]["homeowner"], json!(true));
     app.stop().await;
 }
 

@@ -422,8 +422,9 @@ impl Shared {
             });
         }
 
-        // Post to the best bids until enough accepted; the whole post phase has one deadline.
-        let post_deadline = Instant::now().max(ping_deadline) + s.post_timeout;
+        // Post to the best bids until enough accepted. Each post has `post_timeout_ms` of its
+        // own: a post that times out is a refusal (CONTRACT §3), and the next bid gets its
+        // full time, not what the first one left.
         let mut queue = PostQueue::new(ranking, &s.rules);
         loop {
             let wave = queue.next_wave();
@@ -455,13 +456,15 @@ impl Shared {
                     }
                 }
             }
+            let sent_at = Instant::now();
+            let post_deadline = sent_at.max(ping_deadline) + s.post_timeout;
             let posts = reserved.into_iter().map(|(bid, checks)| {
                 let buyer = &s.buyers[bid.buyer];
                 let body = Bytes::from(buyers::post_body(&PostRequest {
                     ping_id: &ping_ids[bid.buyer],
                     lead_id,
                     price: bid.price,
-                    token: bid.token.as_deref(),
+                    token: bid.token.as_ref(),
                     campaign: &s.id,
                     category: &s.category,
                     lead: &lead.fields,
@@ -476,7 +479,7 @@ impl Shared {
                         Ok(Ok(result)) => result,
                         Ok(Err(_)) | Err(_) => PostResult {
                             reply: PostReply::Refused(Refusal::Timeout, None),
-                            latency: post_deadline.saturating_duration_since(Instant::now()),
+                            latency: sent_at.elapsed(),
                         },
                     };
                     let counted = match result.reply {

@@ -55,7 +55,7 @@ struct PostBody<'a> {
     ping_id: &'a str,
     lead_id: &'a str,
     price: WirePrice,
-    token: Option<&'a str>,
+    token: Option<&'a Value>,
     campaign: &'a str,
     category: &'a str,
     lead: &'a FieldMap,
@@ -80,7 +80,7 @@ pub struct PostRequest<'a> {
     pub ping_id: &'a str,
     pub lead_id: &'a str,
     pub price: Price,
-    pub token: Option<&'a str>,
+    pub token: Option<&'a Value>,
     pub campaign: &'a str,
     pub category: &'a str,
     pub lead: &'a FieldMap,
@@ -128,7 +128,11 @@ impl NoBid {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PingReply {
-    Bid { price: Price, token: Option<String> },
+    /// `token` is echoed in the post exactly as the buyer sent it.
+    Bid {
+        price: Price,
+        token: Option<Value>,
+    },
     NoBid(NoBid),
 }
 
@@ -295,9 +299,8 @@ pub fn parse_ping_reply(status: u16, body: &[u8], mapping: &ReplyMapping) -> Pin
             Some(price) if price.is_zero() => PingReply::NoBid(NoBid::Declined),
             Some(price) => {
                 let token = match reply.get(&mapping.token_path) {
-                    Ok(Some(Value::String(s))) => Some(s),
-                    Ok(Some(Value::Number(n))) => Some(n.to_string()),
-                    Ok(_) => None,
+                    Ok(Some(Value::Null) | None) => None,
+                    Ok(Some(token)) => Some(token),
                     Err(Unreadable) => return PingReply::NoBid(NoBid::BadBody),
                 };
                 PingReply::Bid { price, token }
@@ -325,7 +328,7 @@ pub fn parse_post_reply(status: u16, body: &[u8], mapping: &ReplyMapping) -> Pos
         (Some(Value::Bool(b)), None) => b,
         (Some(v), Some(expected)) => match v {
             Value::String(s) => s.eq_ignore_ascii_case(expected),
-            Value::Bool(b) => b.to_string() == *expected,
+            Value::Bool(b) => b.to_string().eq_ignore_ascii_case(expected),
             Value::Number(n) => n.to_string() == *expected,
             _ => false,
         },
@@ -370,7 +373,7 @@ mod tests {
                 br#"{"bid": 3, "token": "abc"}"#,
                 PingReply::Bid {
                     price: Price::from_cents(300),
-                    token: Some("abc".into()),
+                    token: Some(json!("abc")),
                 },
             ),
         ];
@@ -425,7 +428,7 @@ mod tests {
             ),
             PingReply::Bid {
                 price: Price::from_cents(1250),
-                token: Some("77".into())
+                token: Some(json!(77))
             }
         );
         assert_eq!(
@@ -451,7 +454,7 @@ mod tests {
             parse_ping_reply(200, body, &m),
             PingReply::Bid {
                 price: Price::from_cents(950),
-                token: Some("t-7".into())
+                token: Some(json!("t-7"))
             }
         );
         let twice = br#"{"bid": 3, "note": {"deep": [1, 2, {"x": null}]}, "bid": 4}"#;
@@ -508,7 +511,7 @@ mod tests {
             ping_id: "p1",
             lead_id: "L1",
             price: Price::from_cents(4500),
-            token: Some("t"),
+            token: Some(&json!("t")),
             campaign: "acme-auto",
             category: "Auto Insurance",
             lead: &lead,
@@ -516,6 +519,45 @@ mod tests {
         let text = String::from_utf8(post).unwrap();
         assert!(text.contains(r#""price":45.00"#), "{text}");
         assert!(text.contains(r#""token":"t""#), "{text}");
+    }
+
+    #[test]
+    fn a_token_is_echoed_as_the_buyer_sent_it() {
+        let lead = FieldMap::default();
+        for token in [
+            json!("t-1"),
+            json!(12345),
+            json!({"offer": [1, "a"]}),
+            json!(true),
+        ] {
+            let reply = serde_json::to_vec(&json!({"bid": 5, "token": token})).unwrap();
+            let PingReply::Bid {
+                token: Some(read), ..
+            } = parse_ping_reply(200, &reply, &ReplyMapping::default())
+            else {
+                panic!("a bid with its token: {token}");
+            };
+            assert_eq!(read, token);
+            let post = post_body(&PostRequest {
+                ping_id: "p1",
+                lead_id: "L1",
+                price: Price::from_cents(500),
+                token: Some(&read),
+                campaign: "acme-auto",
+                category: "Auto Insurance",
+                lead: &lead,
+            });
+            let post: Value = serde_json::from_slice(&post).unwrap();
+            assert_eq!(post["token"], token);
+        }
+        let reply = br#"{"bid": 5, "token": null}"#;
+        assert_eq!(
+            parse_ping_reply(200, reply, &ReplyMapping::default()),
+            PingReply::Bid {
+                price: Price::from_cents(500),
+                token: None
+            }
+        );
     }
 
     /// Every file in `tests/fixtures/replies` is one odd reply: the mapping (defaults when
@@ -556,7 +598,7 @@ mod tests {
                     let wanted = match expect["bid"].as_str() {
                         Some(price) => PingReply::Bid {
                             price: Price::parse_decimal(price).unwrap(),
-                            token: expect["token"].as_str().map(str::to_owned),
+                            token: expect.get("token").cloned(),
                         },
                         None => {
                             let why = expect["no_bid"].as_str().unwrap();

@@ -16,8 +16,9 @@ pub struct Bid {
     pub direct: bool,
     /// The buyer's own floor; bids under it are dropped.
     pub buyer_floor: Price,
-    /// Opaque value the buyer asked to see again in the post.
-    pub token: Option<String>,
+    /// Opaque value the buyer asked to see again in the post, as it sent it (a string, a
+    /// number, an object...).
+    pub token: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,7 +50,9 @@ impl UsState {
 }
 
 /// A dialable US number: exactly ten digits once punctuation and a leading country code 1
-/// are dropped.
+/// are dropped. Punctuation is any ASCII punctuation, any white space and the dashes, dots
+/// and brackets of other scripts (`555–123–4567` with en dashes, as a word processor writes
+/// it); a letter, or any other character, makes the number invalid.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Phone(String);
 
@@ -60,7 +62,7 @@ impl Phone {
         for c in text.trim().chars() {
             match c {
                 '0'..='9' => digits.push(c),
-                ' ' | '-' | '.' | '(' | ')' | '+' | '/' => {}
+                c if is_phone_punctuation(c) => {}
                 _ => return None,
             }
         }
@@ -72,6 +74,25 @@ impl Phone {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Dropped from a phone number: ASCII punctuation, white space (a tab, a no-break space),
+/// the General Punctuation block's dashes, dots and spaces (U+2010–U+205F), and the
+/// full-width forms of `(`, `)`, `+`, `-`, `.` and `/`.
+fn is_phone_punctuation(c: char) -> bool {
+    c.is_ascii_punctuation()
+        || c.is_whitespace()
+        || ('\u{2010}'..='\u{205F}').contains(&c)
+        || matches!(
+            c,
+            '\u{FF08}'
+                | '\u{FF09}'
+                | '\u{FF0B}'
+                | '\u{FF0D}'
+                | '\u{FF0E}'
+                | '\u{FF0F}'
+                | '\u{2212}'
+        )
 }
 
 /// An email address trimmed, lower-cased and checked for shape (local@domain.tld).
@@ -123,6 +144,11 @@ pub struct Zip(String);
 impl Zip {
     pub fn parse(text: &str) -> Option<Zip> {
         let text = text.trim();
+        if !text.is_ascii() {
+            // Every form below is ASCII; checking first keeps the byte offsets below on
+            // character boundaries.
+            return None;
+        }
         let all_digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
         match text.len() {
             5 if all_digits(text) => Some(Zip(text.to_owned())),
@@ -183,6 +209,23 @@ pub fn text_value(value: Option<&Value>) -> Result<Option<String>, NotText> {
     }
 }
 
+/// The fields the exchange reads and normalises; every other field is passed on as sent.
+fn is_known(name: &str) -> bool {
+    ALWAYS_REQUIRED.contains(&name) || name == EMAIL || name == ZIP
+}
+
+/// Whether a field the exchange does not know counts as given: not absent, null, blank
+/// text, or an empty list or object.
+fn is_present(value: Option<&Value>) -> bool {
+    match value {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.trim().is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::Bool(_) | Value::Number(_)) => true,
+    }
+}
+
 /// A validated lead. Past this type nothing re-checks the known fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lead {
@@ -211,6 +254,14 @@ impl Lead {
         }
         let mut texts: IndexMap<&str, String, foldhash::fast::RandomState> = IndexMap::default();
         for name in &required {
+            if !is_known(name) {
+                // A field the exchange does not know is passed on as sent: a campaign that
+                // requires it asks only that it be there (`true`, `710`, `"yes"`, `[..]`).
+                if !is_present(fields.get(*name)) {
+                    errors.missing.push((*name).to_owned());
+                }
+                continue;
+            }
             match text_value(fields.get(*name)) {
                 Ok(Some(text)) => {
                     texts.insert(name, text);
@@ -403,6 +454,28 @@ mod tests {
     }
 
     #[test]
+    fn a_required_field_the_exchange_does_not_know_may_be_any_value_but_blank() {
+        let required = ["homeowner".to_owned(), "vehicles".to_owned()];
+        let mut given = sample();
+        given["homeowner"] = json!(true);
+        given["vehicles"] = json!([{"year": 2019}]);
+        let lead = Lead::parse(fields(given.clone()), &required).unwrap();
+        assert_eq!(lead.fields["homeowner"], json!(true));
+        assert_eq!(lead.fields["vehicles"], json!([{"year": 2019}]));
+        for blank in [json!(null), json!(" "), json!([]), json!({})] {
+            given["homeowner"] = blank.clone();
+            let err = Lead::parse(fields(given.clone()), &required).unwrap_err();
+            assert_eq!(err.missing, vec!["homeowner"], "{blank}");
+            assert!(err.invalid.is_empty(), "{blank}");
+        }
+        // A known field stays text: a boolean first name is invalid, required or not.
+        given["homeowner"] = json!(false);
+        given["firstName"] = json!(true);
+        let err = Lead::parse(fields(given), &required).unwrap_err();
+        assert_eq!(err.invalid, vec!["firstName"]);
+    }
+
+    #[test]
     fn phone_rules() {
         assert_eq!(Phone::parse("555.123.4567").unwrap().as_str(), "5551234567");
         assert_eq!(
@@ -412,12 +485,44 @@ mod tests {
         assert!(Phone::parse("25551234567").is_none());
         assert!(Phone::parse("555-123-456a").is_none());
         assert!(Phone::parse("555-1234").is_none());
+        // Punctuation from word processors, form builders and other keyboards is dropped too.
+        for text in [
+            "555\u{2013}123\u{2013}4567",
+            "555\u{00A0}123\u{00A0}4567",
+            "\t(555)\u{2009}123-4567",
+            "555_123_4567",
+            "555,123,4567",
+            "\u{FF08}555\u{FF09}123\u{FF0D}4567",
+            "\u{2212}1 555 123 4567",
+        ] {
+            assert_eq!(
+                Phone::parse(text).map(|p| p.as_str().to_owned()),
+                Some("5551234567".to_owned()),
+                "{text:?}"
+            );
+        }
+        for text in [
+            "555-123-4567 ext",
+            "555-123-456\u{0665}",
+            "555\u{00E9}1234567",
+        ] {
+            assert!(Phone::parse(text).is_none(), "{text:?}");
+        }
     }
 
     #[test]
     fn zip_and_email_rules() {
         assert_eq!(Zip::parse("75001").unwrap().as_str(), "75001");
         assert_eq!(Zip::parse("750011234").unwrap().as_str(), "75001-1234");
+        // Ten bytes whose fifth is inside a character: refused, not split there.
+        for text in [
+            "1234\u{00E9}6789",
+            "1234\u{20AC}123",
+            "\u{20AC}\u{20AC}\u{20AC}1",
+            "12345\u{2013}678",
+        ] {
+            assert!(Zip::parse(text).is_none(), "{text:?}");
+        }
         assert_eq!(Zip::parse("75001-1234").unwrap().five(), "75001");
         assert!(Zip::parse("7500").is_none() && Zip::parse("75001 1234").is_none());
         assert!(Email::parse("a@b.co").is_some());
@@ -499,6 +604,12 @@ mod properties {
             if let Some(zip) = parsed {
                 prop_assert_eq!(zip.five(), &text[..5]);
             }
+        }
+
+        #[test]
+        fn no_text_makes_a_field_rule_panic(text in "\\PC{0,14}") {
+            // Any characters, of any width: each rule answers, none panics.
+            let _ = (Zip::parse(&text), Phone::parse(&text), Email::parse(&text), UsState::parse(&text));
         }
     }
 }

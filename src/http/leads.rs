@@ -176,11 +176,54 @@ fn pairs_into(fields: &mut FieldMap, pairs: Vec<(String, String)>) {
     }
 }
 
+/// `name=value&...` pairs with `+` and `%XX` decoded, refused when a name or a value is not
+/// UTF-8 once decoded (`firstName=Jos%E9`, Latin-1 from an old form): decoding it lossily
+/// would pass buyers a name with a replacement character in it. A `%` not followed by two
+/// hex digits is kept as written, as browsers do.
+fn parse_urlencoded(input: &[u8]) -> Result<Vec<(String, String)>, String> {
+    fn decode(part: &[u8]) -> Result<String, std::string::FromUtf8Error> {
+        let hex = |b: u8| (b as char).to_digit(16);
+        let mut out = Vec::with_capacity(part.len());
+        let mut i = 0;
+        while i < part.len() {
+            match part[i] {
+                b'+' => out.push(b' '),
+                b'%' => match (
+                    part.get(i + 1).and_then(|&b| hex(b)),
+                    part.get(i + 2).and_then(|&b| hex(b)),
+                ) {
+                    (Some(high), Some(low)) => {
+                        out.push((high * 16 + low) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                },
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out)
+    }
+    let mut pairs = Vec::new();
+    for pair in input.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &[][..]),
+        };
+        let name = decode(name)
+            .map_err(|_| "has a field name that is not UTF-8 once decoded".to_owned())?;
+        let value = decode(value)
+            .map_err(|_| format!("has a value of {name} that is not UTF-8 once decoded"))?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
 /// Fields from the query string, then the body on top (the body wins on conflicts).
 fn parse_fields(req: &HttpRequest, body: &[u8]) -> Result<FieldMap, ApiError> {
     let mut fields = FieldMap::default();
-    let query: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
-        .map_err(|_| ApiError::InvalidBody("The query string is not valid URL encoding".into()))?;
+    let query = parse_urlencoded(req.query_string().as_bytes())
+        .map_err(|e| ApiError::InvalidBody(format!("The query string {e}")))?;
     pairs_into(&mut fields, query);
 
     let content_type = req
@@ -198,9 +241,8 @@ fn parse_fields(req: &HttpRequest, body: &[u8]) -> Result<FieldMap, ApiError> {
     match content_type.as_deref() {
         _ if is_blank => {}
         Some("application/x-www-form-urlencoded") => {
-            let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|_| {
-                ApiError::InvalidBody("The form body is not valid URL encoding".into())
-            })?;
+            let form = parse_urlencoded(body)
+                .map_err(|e| ApiError::InvalidBody(format!("The form body {e}")))?;
             pairs_into(&mut fields, form);
         }
         None => merge_json(&mut fields, body)?,
@@ -587,6 +629,33 @@ mod tests {
         assert_eq!(alone.keys().collect::<Vec<_>>(), ["b", "a"]);
         assert_eq!(alone["b"], serde_json::json!(2));
         assert_eq!(alone["a"], serde_json::json!({"x": [1]}));
+    }
+
+    #[test]
+    fn url_encoding_is_decoded_and_text_that_is_not_utf8_once_decoded_is_refused() {
+        let pairs = parse_urlencoded(
+            b"firstName=Jos%C3%A9&city=San+Antonio&note=100%&empty=&flag&&a%3Db=%2B1",
+        )
+        .unwrap();
+        let expected = [
+            ("firstName", "José"),
+            ("city", "San Antonio"),
+            ("note", "100%"),
+            ("empty", ""),
+            ("flag", ""),
+            ("a=b", "+1"),
+        ];
+        assert_eq!(pairs, expected.map(|(n, v)| (n.to_owned(), v.to_owned())));
+        assert_eq!(
+            parse_urlencoded(b"state=TX&firstName=Jos%E9").unwrap_err(),
+            "has a value of firstName that is not UTF-8 once decoded"
+        );
+        assert_eq!(
+            parse_urlencoded(b"city=\xff").unwrap_err(),
+            "has a value of city that is not UTF-8 once decoded"
+        );
+        assert!(parse_urlencoded(b"na%FFme=1").is_err());
+        assert!(parse_urlencoded(b"").unwrap().is_empty());
     }
 
     #[test]
