@@ -904,7 +904,8 @@ async fn prometheus_scrapes_leads_total_by_campaign_and_outcome() {
 
 #[actix_web::test]
 async fn readyz_follows_storage_and_healthz_stays_alive() {
-    let buyer = sim("10", 0);
+    // A buyer that never bids: the lead below stays pending, which only storage can keep.
+    let buyer = sim("none", 0);
     let (app, store) =
         TestApp::spawn_with_store(&config(&data_dir(), "", &ping_buyer("a", &buyer, ""))).await;
 
@@ -933,10 +934,12 @@ async fn readyz_follows_storage_and_healthz_stays_alive() {
     let metrics = app.metrics().await;
     assert_eq!(sample(&metrics, "leadex_storage_up "), 0.0);
 
-    // A lead cannot be answered without storage: 503, nothing internal shown.
+    // A lead nobody bought cannot be answered without storage: 503, nothing internal shown.
+    // (A sale goes to the spill file and is answered; tests/storage.rs.)
     let (status, body) = app.post_lead(&lead()).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["success"], false);
+    assert_eq!(body["error"], "Internal error");
     app.stop().await;
 }
 

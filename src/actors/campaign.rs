@@ -632,8 +632,6 @@ impl Shared {
                     .collect();
                 record.next_retry_ms = None;
                 resolved = Some("sold");
-                counter!(telemetry::SOLD_VALUE_TOTAL, "campaign" => campaign.clone())
-                    .increment(record.price_cents.max(0) as u64);
             }
         }
         self.store_retry(record, resolved).await;
@@ -645,6 +643,11 @@ impl Shared {
             return;
         }
         if let Some(outcome) = resolved {
+            if record.status == LeadStatus::Sold {
+                // Counted once stored: a sale whose write failed is auctioned again.
+                counter!(telemetry::SOLD_VALUE_TOTAL, "campaign" => self.settings.id.clone())
+                    .increment(record.price_cents.max(0) as u64);
+            }
             tracing::info!(status = outcome, price = record.price_cents, buyers = ?record.buyer_ids, "pending lead resolved");
             counter!(telemetry::PENDING_RESOLVED_TOTAL, "campaign" => self.settings.id.clone(), "outcome" => outcome)
                 .increment(1);

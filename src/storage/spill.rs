@@ -1,7 +1,11 @@
 //! Sales that could not be stored. When the write of a sold lead fails, a buyer has already
 //! accepted it: the record goes to a local, bounded, fsynced file (one JSON line per sale) and
-//! is replayed into storage, oldest first, once storage answers again. The supplier still gets
-//! the storage error (503); the spill only makes sure the buyer's purchase is never lost.
+//! is replayed into storage, oldest first, once storage answers again. A sale the spill took is
+//! durably stored, so the write counts as done: the supplier is answered `sold` (a 503 would
+//! have it send the lead again, to be sold a second time), and the node's reads see the spill
+//! over the store: the lead by its id, its Idempotency-Key's answer, and a re-auctioned lead
+//! that sold is no longer due. Only when the spill cannot take the sale either (full, or its
+//! disk failing) does the write fail.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,9 @@ struct Spilled {
     record: LeadRecord,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     idempotency: Option<(String, IdempotentAnswer)>,
+    /// A pending lead that sold when auctioned again: replayed as an update of its record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    update: bool,
 }
 
 struct Spill {
@@ -100,11 +107,14 @@ impl SpillingStore {
         let mut stored = 0;
         let mut failure = None;
         for entry in &spill.entries {
-            match self
-                .inner
-                .insert_lead(Arc::new(entry.record.clone()), entry.idempotency.clone())
-                .await
-            {
+            let stored_now = if entry.update {
+                self.inner.update_lead(entry.record.clone()).await
+            } else {
+                self.inner
+                    .insert_lead(Arc::new(entry.record.clone()), entry.idempotency.clone())
+                    .await
+            };
+            match stored_now {
                 Ok(()) => stored += 1,
                 Err(e) => {
                     failure = Some(e);
@@ -125,26 +135,40 @@ impl SpillingStore {
         }
     }
 
-    async fn keep(&self, entry: Spilled) {
+    /// Appends `entry` to the spill; `true` once it is durably in the file.
+    async fn keep(&self, entry: Spilled, cause: &StorageError) -> bool {
         let mut spill = self.spill.lock().await;
         let lead_id = entry.record.lead_id.clone();
         if spill.entries.len() >= self.max {
             metrics::counter!(telemetry::STORAGE_SPILL_DROPPED_TOTAL).increment(1);
-            tracing::error!(lead_id = %lead_id, max = self.max, "spill file full: a sold lead is only in this log line: {}", serde_json::to_string(&entry.record).unwrap_or_default());
-            return;
+            tracing::error!(lead_id = %lead_id, max = self.max, error = %cause, "spill file full: a sold lead is only in this log line: {}", serde_json::to_string(&entry.record).unwrap_or_default());
+            return false;
         }
         match append(&spill.path, &entry) {
             Ok(()) => {
                 spill.entries.push(entry);
                 metrics::counter!(telemetry::STORAGE_SPILLED_TOTAL).increment(1);
                 metrics::gauge!(telemetry::STORAGE_SPILL_PENDING).set(spill.entries.len() as f64);
-                tracing::warn!(lead_id = %lead_id, "sold lead spilled to {}; it is replayed when storage is back", spill.path.display());
+                tracing::warn!(lead_id = %lead_id, error = %cause, "storage refused a sold lead; it is in {} and replayed when storage is back", spill.path.display());
+                true
             }
             Err(e) => {
                 metrics::counter!(telemetry::STORAGE_SPILL_DROPPED_TOTAL).increment(1);
                 tracing::error!(lead_id = %lead_id, error = %e, "sold lead could not be spilled: {}", serde_json::to_string(&entry.record).unwrap_or_default());
+                false
             }
         }
+    }
+
+    /// The newest spilled version of `lead_id`, if the spill holds it.
+    async fn spilled_lead(&self, lead_id: &str) -> Option<LeadRecord> {
+        let spill = self.spill.lock().await;
+        spill
+            .entries
+            .iter()
+            .rev()
+            .find(|e| e.record.lead_id == lead_id)
+            .map(|e| e.record.clone())
     }
 }
 
@@ -202,22 +226,52 @@ impl LeadStore for SpillingStore {
         let backup =
             (record.status == LeadStatus::Sold).then(|| (record.clone(), idempotency.clone()));
         let result = self.inner.insert_lead(record, idempotency).await;
-        if let (Err(_), Some((record, idempotency))) = (&result, backup) {
-            self.keep(Spilled {
-                record: Arc::unwrap_or_clone(record),
-                idempotency,
-            })
-            .await;
+        match (result, backup) {
+            (Err(cause), Some((record, idempotency))) => {
+                let entry = Spilled {
+                    record: Arc::unwrap_or_clone(record),
+                    idempotency,
+                    update: false,
+                };
+                if self.keep(entry, &cause).await {
+                    Ok(())
+                } else {
+                    Err(cause)
+                }
+            }
+            (result, _) => result,
         }
-        result
     }
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
+        if let Some(record) = self.spilled_lead(lead_id).await {
+            return Ok(Some(record));
+        }
         self.inner.get_lead(lead_id).await
     }
 
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        self.inner.update_lead(record).await
+        if record.status != LeadStatus::Sold {
+            return self.inner.update_lead(record).await;
+        }
+        // A re-auctioned lead that sold: kept like a first sale, or the next tick would find it
+        // still pending in the store and sell it again.
+        let backup = record.clone();
+        match self.inner.update_lead(record).await {
+            Err(cause) => {
+                let entry = Spilled {
+                    record: backup,
+                    idempotency: None,
+                    update: true,
+                };
+                if self.keep(entry, &cause).await {
+                    Ok(())
+                } else {
+                    Err(cause)
+                }
+            }
+            ok => ok,
+        }
     }
 
     async fn pending_due(
@@ -226,7 +280,18 @@ impl LeadStore for SpillingStore {
         due_ms: i64,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
-        self.inner.pending_due(campaign_id, due_ms, limit).await
+        let mut due = self.inner.pending_due(campaign_id, due_ms, limit).await?;
+        let spill = self.spill.lock().await;
+        if !spill.entries.is_empty() {
+            // Sold since, and waiting in the spill: no longer pending.
+            due.retain(|lead| {
+                !spill
+                    .entries
+                    .iter()
+                    .any(|e| e.record.lead_id == lead.lead_id)
+            });
+        }
+        Ok(due)
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
@@ -243,7 +308,27 @@ impl LeadStore for SpillingStore {
         key: &str,
         now_ms: i64,
     ) -> Result<Option<IdempotentAnswer>, StorageError> {
-        self.inner.get_idempotent(supplier_id, key, now_ms).await
+        let spilled = {
+            let spill = self.spill.lock().await;
+            spill
+                .entries
+                .iter()
+                .rev()
+                .find_map(|e| match &e.idempotency {
+                    Some((k, answer))
+                        if k == key
+                            && e.record.supplier_id == supplier_id
+                            && now_ms - answer.created_at_ms < super::IDEMPOTENCY_TTL_MS =>
+                    {
+                        Some(answer.clone())
+                    }
+                    _ => None,
+                })
+        };
+        match spilled {
+            Some(answer) => Ok(Some(answer)),
+            None => self.inner.get_idempotent(supplier_id, key, now_ms).await,
+        }
     }
 
     async fn leads_of_supplier_day(
@@ -270,5 +355,159 @@ impl LeadStore for SpillingStore {
             tracing::error!(error = %e, "spilled sales stay in the spill file until the next start");
         }
         self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::embedded::EmbeddedStore;
+
+    /// The embedded store, whose writes fail while `failing` is set (reads still answer).
+    struct Flaky {
+        inner: EmbeddedStore,
+        failing: AtomicBool,
+    }
+
+    impl Flaky {
+        fn refuse(&self) -> Result<(), StorageError> {
+            if self.failing.load(Ordering::Acquire) {
+                Err(StorageError::Backend("writes refused".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[async_trait]
+    impl LeadStore for Flaky {
+        async fn insert_lead(
+            &self,
+            record: Arc<LeadRecord>,
+            idempotency: Option<(String, IdempotentAnswer)>,
+        ) -> Result<(), StorageError> {
+            self.refuse()?;
+            self.inner.insert_lead(record, idempotency).await
+        }
+        async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
+            self.inner.get_lead(lead_id).await
+        }
+        async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
+            self.refuse()?;
+            self.inner.update_lead(record).await
+        }
+        async fn pending_due(
+            &self,
+            campaign_id: &str,
+            due_ms: i64,
+            limit: usize,
+        ) -> Result<Vec<LeadRecord>, StorageError> {
+            self.inner.pending_due(campaign_id, due_ms, limit).await
+        }
+        async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
+            self.inner.put_state(key, value).await
+        }
+        async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get_state(key).await
+        }
+        async fn get_idempotent(
+            &self,
+            supplier_id: &str,
+            key: &str,
+            now_ms: i64,
+        ) -> Result<Option<IdempotentAnswer>, StorageError> {
+            self.inner.get_idempotent(supplier_id, key, now_ms).await
+        }
+        async fn leads_of_supplier_day(
+            &self,
+            supplier_id: &str,
+            day: i64,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<LeadRecord>, StorageError> {
+            self.inner
+                .leads_of_supplier_day(supplier_id, day, after, limit)
+                .await
+        }
+        async fn ping(&self) -> Result<(), StorageError> {
+            self.inner.ping().await
+        }
+        async fn close(&self) -> Result<(), StorageError> {
+            self.inner.close().await
+        }
+    }
+
+    fn pending(lead_id: &str) -> LeadRecord {
+        LeadRecord {
+            lead_id: lead_id.to_owned(),
+            supplier_id: "sup-1".to_owned(),
+            seller: "ACME1234".to_owned(),
+            campaign_id: "acme-auto".to_owned(),
+            created_at_ms: 1_795_000_000_000,
+            status: LeadStatus::Pending,
+            price_cents: 0,
+            buyer_ids: Vec::new(),
+            fields: Default::default(),
+            auction_log: Vec::new(),
+            next_retry_ms: Some(1_795_000_060_000),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_lead_that_sells_when_storage_refuses_is_spilled_and_no_longer_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: EmbeddedStore::open(&dir.path().join("data"), 64).unwrap(),
+            failing: AtomicBool::new(false),
+        });
+        let store =
+            SpillingStore::open(flaky.clone(), &dir.path().join("spill.jsonl"), 10).unwrap();
+        store
+            .insert_lead(Arc::new(pending("L1")), None)
+            .await
+            .unwrap();
+        store
+            .insert_lead(Arc::new(pending("L2")), None)
+            .await
+            .unwrap();
+        let due_at = 1_795_000_060_000;
+        let due = |store: Arc<SpillingStore>| async move {
+            let leads = store.pending_due("acme-auto", due_at, 10).await.unwrap();
+            leads.into_iter().map(|l| l.lead_id).collect::<Vec<_>>()
+        };
+        assert_eq!(due(store.clone()).await, ["L1", "L2"]);
+
+        // L1 sells when auctioned again, and storage refuses the update.
+        flaky.failing.store(true, Ordering::Release);
+        let mut sold = pending("L1");
+        sold.status = LeadStatus::Sold;
+        sold.price_cents = 2500;
+        sold.buyer_ids = vec!["buyer-a".into()];
+        sold.next_retry_ms = None;
+        store.update_lead(sold.clone()).await.expect("spilled");
+        assert_eq!(store.spilled().await, 1);
+        // An update that is not a sale is not spilled: its failure is the caller's to see.
+        let mut later = pending("L2");
+        later.next_retry_ms = Some(due_at + 60_000);
+        assert!(store.update_lead(later).await.is_err());
+        assert_eq!(store.spilled().await, 1);
+        // The store still lists L1 as due; the spill says it sold, so the next tick leaves it.
+        assert_eq!(due(store.clone()).await, ["L2"]);
+        assert_eq!(store.get_lead("L1").await.unwrap(), Some(sold.clone()));
+
+        // Storage takes writes again: the sale is replayed as an update of the record.
+        flaky.failing.store(false, Ordering::Release);
+        store.replay().await.ok();
+        assert_eq!(store.spilled().await, 0);
+        assert_eq!(flaky.get_lead("L1").await.unwrap(), Some(sold));
+        assert_eq!(
+            flaky
+                .pending_due("acme-auto", due_at, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        store.close().await.unwrap();
     }
 }
