@@ -602,10 +602,11 @@ async fn a_redis_outage_falls_back_is_visible_and_heals() {
         );
         let (status, body) = readyz(&client, node).await;
         assert_eq!(
-            status, 200,
-            "a limiter outage keeps the node in the load balancer"
+            status, 503,
+            "ready means the rate-limit backend answers (CONTRACT §5)"
         );
-        assert_eq!(body["status"], "degraded", "{body}");
+        assert_eq!(body["status"], "unavailable", "{body}");
+        assert_eq!(body["storage"], "ok", "{body}");
         let why = body["rate_limit"].as_str().unwrap();
         assert!(
             why.contains("node-local") && why.contains(&port.to_string()),

@@ -114,20 +114,24 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage = state.store.ping().await.map_err(|e| e.to_string());
     let limiter = state.limiter.healthy().await;
     let coordination = state.coord.healthy().await;
+    // Ready means storage and the rate-limit backend answer (CONTRACT §5). The shared
+    // coordination backend (caps, dedupe, leases across nodes) is not part of that: without it
+    // the node reports itself degraded, still ready.
+    let ready = storage.is_ok() && limiter.is_ok();
     let body = serde_json::json!({
-        "status": match (&storage, limiter.is_ok() && coordination.is_ok()) {
-            (Err(_), _) => "unavailable",
-            (Ok(()), false) => "degraded",
-            (Ok(()), true) => "ready",
+        "status": match (ready, coordination.is_ok()) {
+            (false, _) => "unavailable",
+            (true, false) => "degraded",
+            (true, true) => "ready",
         },
         "storage": match &storage { Ok(()) => "ok".to_owned(), Err(e) => e.clone() },
         "rate_limit": match &limiter { Ok(()) => format!("ok ({})", state.limiter.backend()), Err(e) => e.clone() },
         "coordination": match &coordination { Ok(()) => format!("ok ({})", state.coord.backend()), Err(e) => e.clone() },
     });
-    // Only storage makes a node unready: without it no lead can be answered. A shared
-    // limiter outage leaves the node selling under node-local limits, so it reports itself
-    // degraded but stays in the load balancer; pulling every node at once would stop sales.
-    let status = if storage.is_ok() {
+    // A node whose shared limiter is down still answers the leads that reach it under
+    // node-local limits (a load balancer that keeps unready nodes when none is ready sends
+    // them); it does not claim to be ready.
+    let status = if ready {
         actix_web::http::StatusCode::OK
     } else {
         actix_web::http::StatusCode::SERVICE_UNAVAILABLE
