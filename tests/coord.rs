@@ -513,6 +513,39 @@ async fn one_idempotency_key_on_two_nodes_at_once_runs_one_auction() {
 }
 
 #[actix_web::test]
+async fn a_hung_redis_costs_the_auction_one_cap_timeout_not_one_per_capped_buyer() {
+    let redis = RedisServer::start();
+    let capped: Vec<_> = (0..4).map(|_| sim("30", 0)).collect();
+    let free = sim("10", 0);
+    let mut buyers = ping_buyer("free", &free, "");
+    for (i, sim) in capped.iter().enumerate() {
+        buyers += &ping_buyer(&format!("capped-{i}"), sim, "daily_cap = 50");
+    }
+    // Cap checks time out after 100 ms; the campaign's pings have 300 ms from the start.
+    let text = config(&data_dir(), "", &buyers) + &coordination(&redis);
+    let app = TestApp::spawn(&text.replace("timeout_ms = 2000", "timeout_ms = 100")).await;
+    let (status, answer) = app.post_lead(&lead()).await;
+    assert_eq!(
+        (status, answer["price"].as_f64()),
+        (200, Some(30.0)),
+        "{answer}"
+    );
+
+    redis.pause();
+    // The four cap checks wait together: one timeout, and the uncapped buyer is still pinged
+    // in time. Asked one after another they took 400 ms and its ping went out too late.
+    let (status, answer) = app.post_lead(&person(7)).await;
+    redis.resume();
+    assert_eq!(
+        (status, &answer["buyer_ids"]),
+        (200, &json!(["free"])),
+        "{answer}"
+    );
+    assert_eq!(free.stats.posts(), 1);
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn a_redis_outage_refuses_capped_buyers_and_deduping_campaigns_only() {
     let mut redis = RedisServer::start();
     let (capped, free) = (sim("30", 0), sim("10", 0));

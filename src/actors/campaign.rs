@@ -338,11 +338,20 @@ impl Shared {
         // Ping everyone eligible at once; the ping lead is serialised once for all buyers.
         let ping_lead = serde_json::value::to_raw_value(&lead.ping_fields(&s.personal_fields))
             .expect("a map of JSON values always serialises");
+        // Every buyer's eligibility at once: a capped buyer's check asks the coordinator, and
+        // a slow one must cost the auction one wait, not one per capped buyer, while the
+        // ping deadline runs.
+        let skips = join_all(
+            s.buyers
+                .iter()
+                .map(|buyer| self.skip_reason(buyer, lead, now_ms)),
+        )
+        .await;
         let mut pings = Vec::new();
-        for (index, buyer) in s.buyers.iter().enumerate() {
+        for ((index, buyer), skip) in s.buyers.iter().enumerate().zip(skips) {
             let ping_id = ulid::Ulid::new().to_string();
             ping_ids.push(ping_id.clone());
-            if let Some(reason) = self.skip_reason(buyer, lead, now_ms).await {
+            if let Some(reason) = skip {
                 self.skipped(&mut log, buyer, reason);
                 continue;
             }
