@@ -1257,6 +1257,27 @@ async fn idempotency_key_replays_the_first_answer() {
     // Another key is another lead.
     let (_, other) = send("order-3", lead()).await;
     assert_ne!(other, first);
+    // The same lead again, its fields in another order and written differently: a repeat.
+    let mut reordered = serde_json::Map::new();
+    for (name, value) in lead().as_object().unwrap().iter().rev() {
+        reordered.insert(name.clone(), value.clone());
+    }
+    reordered.insert("phone".into(), json!("+1 (555) 123-4567"));
+    reordered.insert("state".into(), json!("tx"));
+    let (status, again) = send("order-1", Value::Object(reordered)).await;
+    assert_eq!((status, &again), (200, &first));
+    // The key reused for another person is refused, not answered with the first lead's id:
+    // that lead would be neither auctioned nor stored.
+    let pings = buyer.stats.pings();
+    let mut someone_else = lead();
+    someone_else["phone"] = json!("555-987-6543");
+    let (status, refused) = send("order-1", someone_else).await;
+    assert_eq!(status, 400, "{refused}");
+    let (error, _) = error_of(&refused);
+    assert_eq!(error, "Invalid request body");
+    let first_id = serde_json::from_str::<Value>(&first).unwrap()["lead_id"].clone();
+    assert!(refused.contains(first_id.as_str().unwrap()), "{refused}");
+    assert_eq!(buyer.stats.pings(), pings, "no auction for the refused one");
     app.stop().await;
 
     // Keys survive a restart.

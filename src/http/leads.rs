@@ -12,11 +12,13 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState, MAX_BODY_BYTES, dto};
-use crate::actors::{AuctionError, RunAuction};
+use crate::actors::{AuctionError, CampaignActor, RunAuction};
 use crate::domain::lead::{CATEGORY, SELLER, text_value};
 use crate::domain::{FieldMap, Lead};
 use crate::ratelimit::Decision;
+use crate::storage::IdempotentAnswer;
 use crate::telemetry;
+use actix::Addr;
 
 /// Who is calling: the supplier behind a valid key, and the key's rate-limit decision.
 struct Caller {
@@ -325,65 +327,95 @@ async fn submit_lead(
 ) -> Result<HttpResponse, ApiError> {
     let supplier = &state.suppliers[caller.supplier];
     let idempotency = idempotency_key(req)?;
-    // One request per (supplier, key) at a time: a concurrent repeat waits, then replays.
-    let _claim = match &idempotency {
-        Some(key) => {
-            let lock_key = format!("{}\u{1f}{key}", supplier.id);
-            let lock = state
-                .idempotency_locks
-                .lock()
-                .expect("idempotency locks")
-                .entry(lock_key.clone())
-                .or_default()
-                .clone();
-            let guard = lock.clone().lock_owned().await;
-            let stored = state
-                .store
-                .get_idempotent(&supplier.id, key, crate::clock::now_ms())
-                .await
-                .map_err(|e| ApiError::StorageUnavailable(e.to_string()));
-            let stored = match stored {
-                Ok(stored) => stored,
-                Err(e) => {
-                    release_claim(state, &lock_key, guard);
-                    return Err(e);
-                }
-            };
-            if let Some(answer) = stored {
-                release_claim(state, &lock_key, guard);
-                counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
-                return Ok(ok_json(answer.body));
-            }
-            let claim = Claim {
-                state,
-                key: lock_key,
-                guard: Some(guard),
-            };
-            // Other nodes: the first to claim the key runs the auction, a repeat waits for
-            // its stored answer.
-            if let Some(shared) = &state.idempotency_across_nodes {
-                let claim_key = format!("idem/{}/{key}", supplier.id);
-                if let Some(body) = shared
-                    .claim_or_wait(state, &supplier.id, key, &claim_key)
-                    .await?
-                {
-                    counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
-                    return Ok(ok_json(body));
-                }
-                let answered = run_lead(state, req, payload, supplier, idempotency.clone()).await;
-                if answered.is_err()
-                    && let Err(e) = shared.coord.unclaim(std::slice::from_ref(&claim_key)).await
-                {
-                    tracing::warn!(error = %e, "Idempotency-Key claim not given back; it expires by itself");
-                }
-                drop(claim);
-                return answered;
-            }
-            Some(claim)
-        }
-        None => None,
+    let body = read_body(req, payload).await?;
+    let prepared = prepare_lead(state, req, supplier, &body)?;
+    let Some(key) = idempotency else {
+        return run_auction(state, supplier, prepared, None).await;
     };
-    run_lead(state, req, payload, supplier, idempotency).await
+    // One request per (supplier, key) at a time: a concurrent repeat waits, then replays.
+    let lock_key = format!("{}\u{1f}{key}", supplier.id);
+    let lock = state
+        .idempotency_locks
+        .lock()
+        .expect("idempotency locks")
+        .entry(lock_key.clone())
+        .or_default()
+        .clone();
+    let guard = lock.clone().lock_owned().await;
+    let stored = state
+        .store
+        .get_idempotent(&supplier.id, &key, crate::clock::now_ms())
+        .await
+        .map_err(|e| ApiError::StorageUnavailable(e.to_string()));
+    let stored = match stored {
+        Ok(stored) => stored,
+        Err(e) => {
+            release_claim(state, &lock_key, guard);
+            return Err(e);
+        }
+    };
+    if let Some(answer) = stored {
+        release_claim(state, &lock_key, guard);
+        return replay(state, answer, &prepared.lead).await;
+    }
+    let claim = Claim {
+        state,
+        key: lock_key,
+        guard: Some(guard),
+    };
+    // Other nodes: the first to claim the key runs the auction, a repeat waits for its stored
+    // answer.
+    if let Some(shared) = &state.idempotency_across_nodes {
+        let claim_key = format!("idem/{}/{key}", supplier.id);
+        if let Some(answer) = shared
+            .claim_or_wait(state, &supplier.id, &key, &claim_key)
+            .await?
+        {
+            return replay(state, answer, &prepared.lead).await;
+        }
+        let answered = run_auction(state, supplier, prepared, Some(key)).await;
+        if answered.is_err()
+            && let Err(e) = shared.coord.unclaim(std::slice::from_ref(&claim_key)).await
+        {
+            tracing::warn!(error = %e, "Idempotency-Key claim not given back; it expires by itself");
+        }
+        drop(claim);
+        return answered;
+    }
+    let answered = run_auction(state, supplier, prepared, Some(key)).await;
+    drop(claim);
+    answered
+}
+
+/// The first answer again for a repeated Idempotency-Key, when the lead is the one that key
+/// was first used for. The same key on another lead (another phone, another name: a key
+/// reused by mistake) is refused rather than answered with the first lead's id: that lead
+/// would be neither auctioned nor stored, and the supplier would believe it sold.
+async fn replay(
+    state: &AppState,
+    answer: IdempotentAnswer,
+    lead: &Lead,
+) -> Result<HttpResponse, ApiError> {
+    let first = state
+        .store
+        .get_lead(&answer.lead_id)
+        .await
+        .map_err(|e| ApiError::StorageUnavailable(e.to_string()))?;
+    if let Some(first) = first
+        && !same_fields(&first.fields, &lead.fields)
+    {
+        return Err(ApiError::InvalidBody(format!(
+            "Idempotency-Key was used for another lead ({}) within 24 h; a new lead needs a new key",
+            answer.lead_id
+        )));
+    }
+    counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+    Ok(ok_json(answer.body))
+}
+
+/// Whether two leads' fields, both normalised, hold the same values (in any order).
+fn same_fields(a: &FieldMap, b: &FieldMap) -> bool {
+    a.len() == b.len() && a.iter().all(|(name, value)| b.get(name) == Some(value))
 }
 
 /// Idempotency-Keys claimed in the shared coordinator, so two nodes receiving the same key at
@@ -414,7 +446,7 @@ impl SharedIdempotency {
         }
     }
 
-    /// `Ok(None)` once this request holds the key; `Ok(Some(body))` when another node's
+    /// `Ok(None)` once this request holds the key; `Ok(Some(answer))` when another node's
     /// answer appeared in the store meanwhile. A key still held when the wait ends (its node
     /// is slow or gone, or stores are per node) is answered 503 with Retry-After: running a
     /// second auction could sell the lead twice.
@@ -424,7 +456,7 @@ impl SharedIdempotency {
         supplier: &str,
         key: &str,
         claim_key: &str,
-    ) -> Result<Option<String>, ApiError> {
+    ) -> Result<Option<IdempotentAnswer>, ApiError> {
         let give_up = tokio::time::Instant::now() + self.wait;
         loop {
             let now = crate::clock::now_ms();
@@ -442,7 +474,7 @@ impl SharedIdempotency {
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             if let Some(answer) = stored {
-                return Ok(Some(answer.body));
+                return Ok(Some(answer));
             }
             if tokio::time::Instant::now() >= give_up {
                 return Err(ApiError::Overloaded {
@@ -454,17 +486,21 @@ impl SharedIdempotency {
     }
 }
 
-/// Everything after the Idempotency-Key: body, fields, campaign, auction.
-async fn run_lead(
-    state: &AppState,
-    req: &HttpRequest,
-    payload: web::Payload,
-    supplier: &super::SupplierEntry,
-    idempotency: Option<String>,
-) -> Result<HttpResponse, ApiError> {
-    let body = read_body(req, payload).await?;
-    let fields = parse_fields(req, &body)?;
+/// A lead read, validated and routed: its campaign, the campaign's actor on this worker.
+struct Prepared<'a> {
+    campaign: &'a super::CampaignEntry,
+    actor: &'a Addr<CampaignActor>,
+    lead: Lead,
+}
 
+/// Fields, seller, campaign and field rules, in the contract's order of checks.
+fn prepare_lead<'a>(
+    state: &'a AppState,
+    req: &'a HttpRequest,
+    supplier: &super::SupplierEntry,
+    body: &[u8],
+) -> Result<Prepared<'a>, ApiError> {
+    let fields = parse_fields(req, body)?;
     let seller = text_value(fields.get(SELLER)).ok().flatten();
     let category = text_value(fields.get(CATEGORY)).ok().flatten();
     let (Some(seller), Some(category)) = (seller, category) else {
@@ -494,7 +530,25 @@ async fn run_lead(
         )));
     };
     let lead = Lead::parse(fields, &campaign.required_fields).map_err(field_error)?;
+    Ok(Prepared {
+        campaign,
+        actor,
+        lead,
+    })
+}
 
+/// The auction of a prepared lead, and its answer.
+async fn run_auction(
+    state: &AppState,
+    supplier: &super::SupplierEntry,
+    prepared: Prepared<'_>,
+    idempotency: Option<String>,
+) -> Result<HttpResponse, ApiError> {
+    let Prepared {
+        campaign,
+        actor,
+        lead,
+    } = prepared;
     let Ok(_slot) = state.auctions.clone().try_acquire_owned() else {
         counter!(telemetry::OVERLOAD_REFUSALS_TOTAL).increment(1);
         return Err(ApiError::Overloaded {
