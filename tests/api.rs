@@ -878,7 +878,7 @@ async fn every_error_case_has_the_contract_shape() {
         raw(&app, reqwest::Method::GET, "/nope", None, None, vec![]).await;
     assert_eq!((status, error_of(&text).0.as_str()), (404, "Not found"));
     assert!(headers.contains_key("x-request-id"));
-    let (status, _, text) = raw(
+    let (status, get_headers, text) = raw(
         &app,
         reqwest::Method::GET,
         "/api/leads",
@@ -891,7 +891,7 @@ async fn every_error_case_has_the_contract_shape() {
         (status, error_of(&text).0.as_str()),
         (405, "Method not allowed")
     );
-    let (status, _, text) = raw(
+    let (status, delete_headers, text) = raw(
         &app,
         reqwest::Method::DELETE,
         "/api/leads/abc",
@@ -903,6 +903,29 @@ async fn every_error_case_has_the_contract_shape() {
     assert_eq!(
         (status, error_of(&text).0.as_str()),
         (405, "Method not allowed")
+    );
+    // A wrong method with a valid key is a request like any other: counted, with the headers.
+    let remaining = |h: &reqwest::header::HeaderMap| -> u64 {
+        h["x-ratelimit-remaining"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(remaining(&get_headers), remaining(&delete_headers) + 1);
+    // Without a valid key it is a bad key first, as on the routes' own methods.
+    let (status, _, text) = raw(
+        &app,
+        reqwest::Method::PUT,
+        "/api/leads",
+        Some("wrong-key"),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (status, error_of(&text).0.as_str()),
+        (401, "Invalid API Key")
     );
     app.stop().await;
 }

@@ -140,6 +140,13 @@ where
     response
 }
 
+/// A method the supplier API's routes do not take (`GET /api/leads`, `DELETE /api/leads/{id}`):
+/// 405, after the key is checked and counted like any request to the API, so a valid key's
+/// answer carries its rate-limit headers (CONTRACT §2) and a bad key is a 401 first.
+pub async fn method_not_allowed(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    with_caller(&state, &req, |_| async { Err(ApiError::MethodNotAllowed) }).await
+}
+
 fn ok_json(body: String) -> HttpResponse {
     HttpResponse::build(StatusCode::OK)
         .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))

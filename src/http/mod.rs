@@ -177,12 +177,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/api/leads")
             .route(web::post().to(leads::submit))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(leads::method_not_allowed)),
     )
     .service(
         web::resource("/api/leads/{lead_id}")
             .route(web::get().to(leads::status))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(leads::method_not_allowed)),
     )
     .service(
         web::resource("/api/openapi.json")
