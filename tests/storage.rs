@@ -426,7 +426,24 @@ mod cases {
             ..long.clone()
         };
         store.update_lead(short.clone()).await.unwrap();
-        assert_eq!(store.get_lead(&long.lead_id).await.unwrap(), Some(short));
+        assert_eq!(
+            store.get_lead(&long.lead_id).await.unwrap(),
+            Some(short.clone())
+        );
+
+        // Re-auctions append to the log, more rows each time than one batch of them holds.
+        let mut growing = short;
+        for round in 0..3 {
+            growing
+                .auction_log
+                .extend((0..120).map(|i| event(200 + round * 120 + i)));
+            store.update_lead(growing.clone()).await.unwrap();
+            assert_eq!(
+                store.get_lead(&long.lead_id).await.unwrap(),
+                Some(growing.clone()),
+                "round {round}"
+            );
+        }
         store.close().await.unwrap();
     }
 

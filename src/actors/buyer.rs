@@ -568,6 +568,14 @@ impl Handler<Ping> for BuyerActor {
             };
             let answered_at = Instant::now();
             let latency = answered_at - started;
+            let reply = match reply {
+                // A bid read after the deadline does not count in the auction: it is counted
+                // here as what it is for the auction, a timeout.
+                PingReply::Bid { .. } if answered_at > msg.deadline => {
+                    PingReply::NoBid(NoBid::Timeout)
+                }
+                reply => reply,
+            };
             if inner.ping_url.is_some()
                 && let Some(healthy) = ping_health(&reply)
             {

@@ -231,6 +231,9 @@ struct QueueEntryRow {
     next_retry_ms: Option<i64>,
 }
 
+/// Auction-log rows an update writes in one batch of its own, before the lead's row.
+const LOG_ROWS_PER_BATCH: usize = 50;
+
 #[derive(DeserializeRow)]
 struct PendingRow {
     due_ms: i64,
@@ -377,10 +380,36 @@ impl Connected {
         result.map(|_| ())
     }
 
-    /// The statements that store `record` and its indexes (pending queue entry included).
+    /// The auction-log rows of `record` from `from` on.
+    fn log_parts(
+        &self,
+        record: &LeadRecord,
+        from: usize,
+    ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
+        let mut parts: Vec<(&PreparedStatement, Values)> = Vec::new();
+        for (seq, event) in record.auction_log.iter().enumerate().skip(from) {
+            let (name, buyer) = event_name(event);
+            let detail = serde_json::to_string(event).map_err(backend)?;
+            parts.push((
+                &self.statements.insert_log,
+                Box::new((
+                    record.lead_id.clone(),
+                    seq as i64,
+                    name,
+                    buyer.to_owned(),
+                    detail,
+                )),
+            ));
+        }
+        Ok(parts)
+    }
+
+    /// The statements that store `record`, its auction-log rows from `log_from` on, and its
+    /// indexes (pending queue entry included).
     fn record_parts(
         &self,
         record: &LeadRecord,
+        log_from: usize,
     ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
         let s = &self.statements;
         let fields = serde_json::to_string(&record.fields).map_err(backend)?;
@@ -401,20 +430,7 @@ impl Connected {
                 record.auction_log.len() as i64,
             )),
         ));
-        for (seq, event) in record.auction_log.iter().enumerate() {
-            let (name, buyer) = event_name(event);
-            let detail = serde_json::to_string(event).map_err(backend)?;
-            parts.push((
-                &s.insert_log,
-                Box::new((
-                    record.lead_id.clone(),
-                    seq as i64,
-                    name,
-                    buyer.to_owned(),
-                    detail,
-                )),
-            ));
-        }
+        parts.extend(self.log_parts(record, log_from)?);
         let (day, hour) = day_hour(record.created_at_ms);
         parts.push((
             &s.insert_by_day,
@@ -500,7 +516,7 @@ impl LeadStore for ScyllaStore {
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError> {
         let c = self.connected()?;
-        let mut parts = c.record_parts(&record)?;
+        let mut parts = c.record_parts(&record, 0)?;
         if let Some((key, answer)) = idempotency {
             parts.push((
                 &c.statements.insert_idempotency,
@@ -525,7 +541,18 @@ impl LeadStore for ScyllaStore {
         let previous = c
             .one_row::<QueueEntryRow>(&c.statements.select_queue_entry, (record.lead_id.as_str(),))
             .await?;
-        let mut parts = c.record_parts(&record)?;
+        // The auction log's rows go first, in batches of their own, and the lead's row with
+        // its new `log_len` after them. Written in the lead's batch, a log that grew with each
+        // re-auction made that batch larger each time, until a lead pending for hours passed
+        // the cluster's batch size limit and every later update of it failed. Rows past the
+        // stored `log_len` are not read, so rows written before a failed update stay unseen.
+        let mut rows = c.log_parts(&record, 0)?;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_BATCH));
+            c.write(rows).await?;
+            rows = rest;
+        }
+        let mut parts = c.record_parts(&record, record.auction_log.len())?;
         if let Some(QueueEntryRow {
             campaign_id,
             next_retry_ms: Some(due),
