@@ -216,6 +216,7 @@ fn exchange(c: &mut Criterion) {
                                 lead: lead.clone(),
                                 idempotency_key: None,
                                 request_span: tracing::Span::none(),
+                                hold: None,
                             })
                             .await
                             .expect("campaign answers")

@@ -219,7 +219,7 @@ impl Application {
                 config.rate_limit.auth_failure_window_secs,
             ),
             auctions: Arc::new(Semaphore::new(config.server.max_in_flight_auctions)),
-            idempotency_locks: Mutex::new(HashMap::new()),
+            idempotency_locks: Default::default(),
             idempotency_across_nodes: coord_shared.then(|| {
                 http::leads::SharedIdempotency::new(
                     coord.clone(),

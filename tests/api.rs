@@ -1319,6 +1319,57 @@ async fn idempotency_key_replays_the_first_answer() {
     app.stop().await;
 }
 
+#[actix_web::test]
+async fn a_connection_reset_mid_auction_keeps_the_idempotency_key_until_the_lead_is_stored() {
+    use tokio::io::AsyncWriteExt;
+    let buyer = sim_with(Behaviour {
+        bid: BidSpec::parse("30").unwrap(),
+        post_latency_ms: (400, 400),
+        ..Behaviour::default()
+    });
+    let app = TestApp::spawn(&config(&data_dir(), "", &ping_buyer("a", &buyer, ""))).await;
+    let body = serde_json::to_vec(&lead()).unwrap();
+    let head = format!(
+        "POST /api/leads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nIdempotency-Key: reset-1\r\nContent-Length: {}\r\n\r\n",
+        app.addr,
+        body.len()
+    );
+    let mut supplier = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    supplier.write_all(head.as_bytes()).await.unwrap();
+    supplier.write_all(&body).await.unwrap();
+    // Once the buyer has been pinged the auction is under way; the supplier's side then resets
+    // the connection (an RST, which makes the server drop the request).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while buyer.stats.pings() == 0 {
+        assert!(Instant::now() < deadline, "the buyer was never pinged");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    supplier.set_zero_linger().unwrap();
+    drop(supplier);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The supplier sends it again at once with the same key: it waits for the first auction
+    // and gets its answer; the lead is not auctioned, and sold, twice.
+    let response = app
+        .client
+        .post(app.url("/api/leads"))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "reset-1")
+        .json(&lead())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["status"], "sold", "{answer}");
+    assert_eq!((buyer.stats.pings(), buyer.stats.posts()), (1, 1));
+    assert_eq!(
+        buyer.stats.post_bodies()[0]["lead_id"],
+        answer["lead_id"],
+        "the answer is the first auction's"
+    );
+    app.stop().await;
+}
+
 /// Validates `body` against the OpenAPI document's schema for (path, method, status).
 fn check_against_openapi(doc: &Value, path: &str, method: &str, status: u16, body: &str) {
     let errors = openapi_errors(doc, path, method, status, body);

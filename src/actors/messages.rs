@@ -23,6 +23,10 @@ pub struct RunAuction {
     pub idempotency_key: Option<String>,
     /// The request's span, parent of the auction's, so auction log lines carry the request id.
     pub request_span: tracing::Span,
+    /// Dropped once the outcome is stored (or the auction ends without one): the
+    /// Idempotency-Key's lock, so a repeat of the lead waits for this auction's answer even
+    /// when the request that sent it is gone (its connection reset mid-auction).
+    pub hold: Option<Box<dyn Send>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -348,28 +348,20 @@ async fn submit_lead(
         .entry(lock_key.clone())
         .or_default()
         .clone();
-    let guard = lock.clone().lock_owned().await;
+    let claim = Claim {
+        guard: Some(lock.lock_owned().await),
+        locks: state.idempotency_locks.clone(),
+        key: lock_key,
+    };
     let stored = state
         .store
         .get_idempotent(&supplier.id, &key, crate::clock::now_ms())
         .await
-        .map_err(|e| ApiError::StorageUnavailable(e.to_string()));
-    let stored = match stored {
-        Ok(stored) => stored,
-        Err(e) => {
-            release_claim(state, &lock_key, guard);
-            return Err(e);
-        }
-    };
+        .map_err(|e| ApiError::StorageUnavailable(e.to_string()))?;
     if let Some(answer) = stored {
-        release_claim(state, &lock_key, guard);
+        drop(claim);
         return replay(state, answer, &prepared.lead).await;
     }
-    let claim = Claim {
-        state,
-        key: lock_key,
-        guard: Some(guard),
-    };
     // Other nodes: the first to claim the key runs the auction, a repeat waits for its stored
     // answer.
     if let Some(shared) = &state.idempotency_across_nodes {
@@ -380,18 +372,15 @@ async fn submit_lead(
         {
             return replay(state, answer, &prepared.lead).await;
         }
-        let answered = run_auction(state, supplier, prepared, Some(key)).await;
+        let answered = run_auction(state, supplier, prepared, Some((key, claim))).await;
         if answered.is_err()
             && let Err(e) = shared.coord.unclaim(std::slice::from_ref(&claim_key)).await
         {
             tracing::warn!(error = %e, "Idempotency-Key claim not given back; it expires by itself");
         }
-        drop(claim);
         return answered;
     }
-    let answered = run_auction(state, supplier, prepared, Some(key)).await;
-    drop(claim);
-    answered
+    run_auction(state, supplier, prepared, Some((key, claim))).await
 }
 
 /// The first answer again for a repeated Idempotency-Key, when the lead is the one that key
@@ -549,7 +538,7 @@ async fn run_auction(
     state: &AppState,
     supplier: &super::SupplierEntry,
     prepared: Prepared<'_>,
-    idempotency: Option<String>,
+    idempotency: Option<(String, Claim)>,
 ) -> Result<HttpResponse, ApiError> {
     let Prepared {
         campaign,
@@ -571,7 +560,8 @@ async fn run_auction(
             supplier_id: supplier.id.clone(),
             created_at_ms: crate::clock::now_ms(),
             lead: Arc::new(lead),
-            idempotency_key: idempotency,
+            idempotency_key: idempotency.as_ref().map(|(key, _)| key.clone()),
+            hold: idempotency.map(|(_, claim)| Box::new(claim) as Box<dyn Send>),
             request_span: tracing::Span::current(),
         })
         .await
@@ -597,23 +587,29 @@ async fn run_auction(
     }
 }
 
-/// Holds an Idempotency-Key for the length of one request, and frees its lock entry after.
-struct Claim<'a> {
-    state: &'a AppState,
+/// This node's lock per (supplier, Idempotency-Key) in use.
+pub type KeyLocks =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// Holds an Idempotency-Key until dropped, and frees its lock entry then. It goes with the
+/// lead into its auction (`RunAuction::hold`), so it outlives a request whose connection is
+/// reset mid-auction: the auction runs on, and a repeat must wait for its stored answer.
+struct Claim {
+    locks: KeyLocks,
     key: String,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(guard) = self.guard.take() {
-            release_claim(self.state, &self.key, guard);
+            release_claim(&self.locks, &self.key, guard);
         }
     }
 }
 
-fn release_claim(state: &AppState, key: &str, guard: tokio::sync::OwnedMutexGuard<()>) {
-    let mut locks = state.idempotency_locks.lock().expect("idempotency locks");
+fn release_claim(locks: &KeyLocks, key: &str, guard: tokio::sync::OwnedMutexGuard<()>) {
+    let mut locks = locks.lock().expect("idempotency locks");
     drop(guard);
     // Only the map holds it now: nobody else is waiting on this key.
     if locks

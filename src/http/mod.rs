@@ -60,7 +60,7 @@ pub struct AppState {
     pub coord: crate::coord::SharedCoordinator,
     pub auth_failure_limit: Limit,
     pub auctions: Arc<Semaphore>,
-    pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub idempotency_locks: leads::KeyLocks,
     /// Set when several nodes share coordination: an Idempotency-Key is also claimed there.
     pub idempotency_across_nodes: Option<crate::http::leads::SharedIdempotency>,
     pub ids: Mutex<ulid::Generator>,
