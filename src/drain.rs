@@ -42,9 +42,14 @@ impl Drain {
         (!self.inner.stopping.load(Ordering::Acquire)).then_some(guard)
     }
 
+    /// Refuses new work from now on; what runs goes on.
+    pub fn refuse_new(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+    }
+
     /// Refuses new work and waits up to `limit` for the running work; `true` when all ended.
     pub async fn stop_and_wait(&self, limit: Duration) -> bool {
-        self.inner.stopping.store(true, Ordering::Release);
+        self.refuse_new();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let idle = self.inner.idle.notified();
@@ -73,6 +78,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(drain.enter().is_none(), "no new work once stopping");
         assert!(!waiter.is_finished());
+        // Refusing new work alone lets what runs go on.
+        let other = Drain::default();
+        let running = other.enter().expect("running");
+        other.refuse_new();
+        assert!(other.enter().is_none());
+        drop(running);
+        assert!(other.stop_and_wait(Duration::ZERO).await);
         drop(guard);
         assert!(waiter.await.unwrap());
     }

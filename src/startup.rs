@@ -322,6 +322,9 @@ impl Application {
             signal = signals.next() => {
                 stop_began = Some(tokio::time::Instant::now());
                 tracing::info!(signal, grace_secs = grace.as_secs(), "stopping: no new connections, finishing requests in flight");
+                // No re-auction starts from here on: those running finish within the grace
+                // period, and a late one cannot be cut off after its buyer accepted.
+                drain.refuse_new();
                 // The stop command is sent when `stop` is called; its future only waits.
                 drop(handle.stop(true));
                 tokio::select! {

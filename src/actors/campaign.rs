@@ -587,6 +587,12 @@ impl Shared {
         self.retry_leased(&mut record, policy)
             .instrument(span)
             .await;
+        if self.store.held_locally(&record.lead_id).await {
+            // Its sale waits in this node's spill: other nodes still read the lead as pending,
+            // and the lease (until it expires) keeps them from auctioning it again.
+            tracing::warn!(lead_id = %record.lead_id, "re-auction lease kept while its sale waits in the spill");
+            return;
+        }
         if let Err(e) = self.coord.end_lease(&lease).await {
             tracing::warn!(error = %e, "re-auction lease not ended");
         }

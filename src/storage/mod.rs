@@ -161,6 +161,12 @@ pub trait LeadStore: Send + Sync + 'static {
     /// Cheap check that the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), StorageError>;
 
+    /// Whether this node holds a write of `lead_id` that the shared store does not have yet
+    /// (a sale in the spill file): other nodes still read the lead as it was.
+    async fn held_locally(&self, _lead_id: &str) -> bool {
+        false
+    }
+
     /// Makes everything written so far durable and stops accepting writes.
     async fn close(&self) -> Result<(), StorageError>;
 }

@@ -243,6 +243,10 @@ impl LeadStore for SpillingStore {
         }
     }
 
+    async fn held_locally(&self, lead_id: &str) -> bool {
+        self.spilled_lead(lead_id).await.is_some()
+    }
+
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
         if let Some(record) = self.spilled_lead(lead_id).await {
             return Ok(Some(record));
@@ -494,11 +498,13 @@ mod tests {
         // The store still lists L1 as due; the spill says it sold, so the next tick leaves it.
         assert_eq!(due(store.clone()).await, ["L2"]);
         assert_eq!(store.get_lead("L1").await.unwrap(), Some(sold.clone()));
+        assert!(store.held_locally("L1").await && !store.held_locally("L2").await);
 
         // Storage takes writes again: the sale is replayed as an update of the record.
         flaky.failing.store(false, Ordering::Release);
         store.replay().await.ok();
         assert_eq!(store.spilled().await, 0);
+        assert!(!store.held_locally("L1").await);
         assert_eq!(flaky.get_lead("L1").await.unwrap(), Some(sold));
         assert_eq!(
             flaky
