@@ -284,8 +284,9 @@ fn default_coord_timeout() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct RateLimitOverride {
     pub requests: u32,
-    #[serde(default = "default_window")]
-    pub window_secs: u64,
+    /// The global `[rate_limit] window_secs` when not given.
+    #[serde(default)]
+    pub window_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -818,6 +819,13 @@ impl Config {
         if self.rate_limit.requests == 0 || self.rate_limit.window_secs == 0 {
             problems.push("rate_limit: requests and window_secs must be at least 1".to_owned());
         }
+        if self.rate_limit.auth_failures == 0 || self.rate_limit.auth_failure_window_secs == 0 {
+            // 0 failures would refuse every request; a 0 s window would turn the limit off.
+            problems.push(
+                "rate_limit: auth_failures and auth_failure_window_secs must be at least 1"
+                    .to_owned(),
+            );
+        }
         if !matches!(self.server.log_format.as_str(), "text" | "json") {
             problems.push(format!(
                 "server.log_format: `{}` is not `text` or `json`",
@@ -906,7 +914,7 @@ impl Config {
                 }
             }
             if let Some(rl) = &supplier.rate_limit
-                && (rl.requests == 0 || rl.window_secs == 0)
+                && (rl.requests == 0 || rl.window_secs == Some(0))
             {
                 problems.push(format!("suppliers.rate_limit (supplier `{id}`): requests and window_secs must be at least 1"));
             }
@@ -1322,6 +1330,18 @@ post_url = "http://127.0.0.1:9001/post"
             config.buyers[0].reply_mapping().accept_value.as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn auth_failure_limits_must_be_at_least_one() {
+        for lines in ["auth_failures = 0", "auth_failure_window_secs = 0"] {
+            let text = format!("[rate_limit]\nrequests = 60\nwindow_secs = 60\n{lines}\n{BASE}");
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("auth_failures and auth_failure_window_secs must be at least 1"),
+                "{lines}: {err}"
+            );
+        }
     }
 
     #[test]

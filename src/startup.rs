@@ -181,7 +181,10 @@ impl Application {
                         .map(|c| c.get_ref().to_ascii_uppercase())
                         .collect::<HashSet<_>>(),
                     limit: s.rate_limit.map_or(default_limit, |o| {
-                        Limit::per_secs(o.requests, o.window_secs)
+                        Limit::per_secs(
+                            o.requests,
+                            o.window_secs.unwrap_or(config.rate_limit.window_secs),
+                        )
                     }),
                 }
             })

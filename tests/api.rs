@@ -1145,6 +1145,40 @@ async fn a_required_field_the_exchange_does_not_know_is_passed_on_as_sent() {
 }
 
 #[actix_web::test]
+async fn a_supplier_limit_without_its_own_window_takes_the_global_one() {
+    let buyer = sim("10", 0);
+    let text = config_with(
+        &data_dir(),
+        "requests = 100\nwindow_secs = 10",
+        "",
+        &ping_buyer("a", &buyer, ""),
+    )
+    .replacen(
+        "id = \"sup-1\"\n",
+        "id = \"sup-1\"\nrate_limit = { requests = 2 }\n",
+        1,
+    );
+    let app = TestApp::spawn(&text).await;
+    let now = leadex::clock::now_ms() / 1000;
+    let (status, headers, _) = app.post_lead_as(KEY, &lead()).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-ratelimit-limit"], "2");
+    let reset: i64 = headers["x-ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (now + 9..=now + 12).contains(&reset),
+        "the global 10 s window: reset {reset} vs now {now}"
+    );
+    app.post_lead_as(KEY, &lead()).await;
+    let (status, _, _) = app.post_lead_as(KEY, &lead()).await;
+    assert_eq!(status, 429);
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn rate_limit_headers_count_every_answer_to_a_valid_key() {
     let buyer = sim("10", 0);
     let app = TestApp::spawn(&config_with(

@@ -141,8 +141,13 @@ async fn a_counter_expires_at_the_end_of_its_window() {
             .await
             .unwrap()
     );
+    // It expires a minute after its window's end at the latest (the grace for a node whose
+    // clock runs behind Redis', which still names this window; the next one has its own key).
     let ttl = redis.integer(&["PTTL", "w:hour"]);
-    assert!(ttl > 0 && ttl <= 400, "expires at the window's end: {ttl}");
+    assert!(
+        (400..=60_000).contains(&ttl),
+        "expires within a minute of the window's end: {ttl}"
+    );
     // A longer window in the same reservation keeps its own end.
     let day_end = now_ms() + 86_400_000;
     assert!(
@@ -152,16 +157,10 @@ async fn a_counter_expires_at_the_end_of_its_window() {
             .unwrap()
     );
     let ttl = redis.integer(&["PTTL", "w:day"]);
-    assert!(ttl > 86_000_000, "{ttl}");
-
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while redis.integer(&["EXISTS", "w:hour"]) == 1 {
-        assert!(Instant::now() < deadline, "the counter outlived its window");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!((86_000_000..=86_400_000).contains(&ttl), "{ttl}");
     assert!(
         coord
-            .reserve(&[check("hour", 1, 1, now_ms() + 400)], now_ms())
+            .reserve(&[check("hour-next", 1, 1, now_ms() + 3_600_000)], now_ms())
             .await
             .unwrap(),
         "a new window starts empty"
@@ -242,6 +241,27 @@ async fn claims_are_all_or_none_exclusive_and_expire_and_leases_belong_to_their_
         assert!(Instant::now() < deadline, "the lease did not expire");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_counter_whose_window_ended_by_redis_clock_still_counts() {
+    // A node whose clock runs behind Redis' still names the window Redis already ended; its
+    // counter must not be deleted on the spot, or every reservation in that gap fits.
+    let redis = RedisServer::start();
+    let coord = coordinator(&redis, "skew:", 1000).await;
+    let ended = now_ms() - 10;
+    let mut reserved = 0;
+    for _ in 0..5 {
+        if coord
+            .reserve(&[check("cap", 1, 1, ended)], now_ms())
+            .await
+            .unwrap()
+        {
+            reserved += 1;
+        }
+    }
+    assert_eq!(reserved, 1, "a cap of 1 holds");
+    assert_eq!(stored(&redis, "skew:cap"), 1);
 }
 
 #[actix_web::test]

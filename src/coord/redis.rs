@@ -21,6 +21,11 @@ use crate::ratelimit::redis::redis_connection;
 /// All or none: every counter in `KEYS` is checked against its limit, then every one is
 /// increased and set to expire when its window ends. ARGV holds, per key, its limit, amount and
 /// window end in Unix ms. Returns 1 when reserved, 0 when any counter would pass its limit.
+/// Every counter lives at least a minute past Redis' own now: a node whose clock runs behind
+/// Redis' still names a window Redis has ended, and an expiry in the past would delete the
+/// counter at once, so every sale that node made until its clock reached the next window
+/// would pass the cap. Counters are named by their window, so the next window's is another
+/// key and the minute only keeps an old one a little longer.
 const RESERVE_SCRIPT: &str = r#"
 for i = 1, #KEYS do
   local value = tonumber(redis.call('GET', KEYS[i]) or '0')
@@ -28,9 +33,11 @@ for i = 1, #KEYS do
     return 0
   end
 end
+local time = redis.call('TIME')
+local floor = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + 60000
 for i = 1, #KEYS do
   redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
-  redis.call('PEXPIREAT', KEYS[i], ARGV[3 * i])
+  redis.call('PEXPIREAT', KEYS[i], math.max(tonumber(ARGV[3 * i]), floor))
 end
 return 1
 "#;

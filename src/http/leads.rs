@@ -33,29 +33,38 @@ fn bearer_key(req: &HttpRequest) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-/// The client's address: the peer, or, when the peer is a trusted load balancer, the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+/// The client's address as the failed-authentication limit counts it: the peer, or, when the
+/// peer is a trusted load balancer, the right-most `X-Forwarded-For` entry that is not itself
+/// a trusted proxy. IPv4 addresses written as IPv6 (`::ffff:10.0.0.7`, as a dual-stack listener
+/// sees them) are read as IPv4, so `trusted_proxies` ranges match them; an IPv6 client counts
+/// by its /64, the block one host is given, so walking through its addresses gains nothing.
 fn client_address(req: &HttpRequest, trusted: &[ipnet::IpNet]) -> String {
-    let Some(peer) = req.peer_addr().map(|a| a.ip()) else {
+    let Some(peer) = req.peer_addr().map(|a| a.ip().to_canonical()) else {
         return "unknown".into();
     };
     let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
-    if !is_trusted(&peer) {
-        return peer.to_string();
+    let client = if is_trusted(&peer) {
+        req.headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+            .map(|ip| ip.to_canonical())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find(|ip| !is_trusted(ip))
+            .unwrap_or(peer)
+    } else {
+        peer
+    };
+    match client {
+        std::net::IpAddr::V6(v6) => {
+            let block = ipnet::Ipv6Net::new(v6, 64).map(|n| n.trunc());
+            block.map_or_else(|_| v6.to_string(), |n| n.to_string())
+        }
+        v4 => v4.to_string(),
     }
-    let forwarded = req
-        .headers()
-        .get_all("x-forwarded-for")
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
-        .collect::<Vec<_>>();
-    forwarded
-        .into_iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .unwrap_or(peer)
-        .to_string()
 }
 
 /// Authentication, then the key's rate limit. Failed authentication is itself limited per
@@ -686,6 +695,42 @@ mod tests {
         assert_eq!(alone.keys().collect::<Vec<_>>(), ["b", "a"]);
         assert_eq!(alone["b"], serde_json::json!(2));
         assert_eq!(alone["a"], serde_json::json!({"x": [1]}));
+    }
+
+    #[test]
+    fn client_addresses_are_canonical_and_ipv6_counts_by_its_64() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let from = |peer: &str, forwarded: Option<&str>| {
+            let mut req = actix_web::test::TestRequest::default().peer_addr(peer.parse().unwrap());
+            if let Some(f) = forwarded {
+                req = req.insert_header(("x-forwarded-for", f));
+            }
+            client_address(&req.to_http_request(), &trusted)
+        };
+        // A load balancer's IPv4 address as a dual-stack listener sees it is still trusted.
+        assert_eq!(
+            from("[::ffff:10.0.0.7]:40000", Some("203.0.113.9")),
+            "203.0.113.9"
+        );
+        assert_eq!(
+            from("10.0.0.7:40000", Some("::ffff:203.0.113.9")),
+            "203.0.113.9"
+        );
+        // Untrusted peers are themselves, their header ignored.
+        assert_eq!(
+            from("198.51.100.4:40000", Some("203.0.113.9")),
+            "198.51.100.4"
+        );
+        // Addresses of one IPv6 /64 are one client.
+        assert_eq!(from("[2001:db8:1:2::1]:40000", None), "2001:db8:1:2::/64");
+        assert_eq!(
+            from("[2001:db8:1:2:ffff:ab:cd:ef]:40000", None),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            from("10.1.2.3:40000", Some("2001:db8:9:9:1::5, 10.0.0.2")),
+            "2001:db8:9:9::/64"
+        );
     }
 
     #[test]
