@@ -760,6 +760,52 @@ async fn buyer_reply_mappings_read_odd_apis() {
 }
 
 #[actix_web::test]
+async fn a_direct_buyer_outbid_on_its_probe_may_probe_again_at_once() {
+    // The direct buyer's post times out (1.5 s against post_timeout_ms 1000): one failure
+    // opens its breaker.
+    let direct = sim_with(Behaviour {
+        post_latency_ms: (1500, 1500),
+        ..Behaviour::default()
+    });
+    let top = sim("none", 0);
+    let buyers = direct_buyer(
+        "direct",
+        &direct,
+        "20",
+        "breaker_failures = 1\nbreaker_cooldown_secs = 1",
+    ) + &ping_buyer("top", &top, "");
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "pending", "{body}");
+    let state = |page: &str| metric(page, "leadex_buyer_breaker_state{buyer=\"direct\"}");
+    assert_eq!(state(&app.metrics().await), Some(1.0), "open");
+
+    // After the cooldown the direct buyer is let out on the probe, and outbid: never posted.
+    direct.set_behaviour(Behaviour::default());
+    top.set_behaviour(bidding("50"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(ids(&body), vec!["top"]);
+    assert_eq!(direct.stats.posts(), 1);
+
+    // Right after, the top bid's post is refused: the direct buyer probes again at once and
+    // buys, where it used to wait out another cooldown and the lead stayed pending.
+    top.set_behaviour(Behaviour {
+        reject_rate: 1.0,
+        ..bidding("50")
+    });
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(ids(&body), vec!["direct"], "{body}");
+    assert_eq!(body["price"], json!(20.0));
+    assert_eq!(
+        state(&app.metrics().await),
+        Some(0.0),
+        "closed by the good probe"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn the_breaker_opens_cools_down_probes_and_closes() {
     // Answers after the 300 ms ping deadline: every ping is a timeout.
     let flaky = sim("50", 600);

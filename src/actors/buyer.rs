@@ -68,6 +68,11 @@ impl BuyerHealth {
         permit
     }
 
+    /// The probe `permit` gave was not used: the next request may probe at once.
+    pub fn probe_unused(&self) {
+        self.breaker.lock().expect("breaker").probe_unused();
+    }
+
     /// Records an answer (`true`) or a timeout/error (`false`).
     pub fn record(&self, success: bool) {
         let change = self

@@ -280,16 +280,17 @@ impl Shared {
         Ok(record)
     }
 
-    /// Why `buyer` sits this auction out, if it does: filters and schedule (pure), then its
-    /// caps (coordinator), then its breaker (asked last: a probe permit is spent on a ping).
+    /// Why `buyer` sits this auction out (`Err`), or its breaker's permit: filters and
+    /// schedule (pure), then its caps (coordinator), then its breaker (asked last: a probe
+    /// permit is spent on a ping, or on a direct buyer's post).
     async fn skip_reason(
         &self,
         buyer: &CampaignBuyer,
         lead: &Lead,
         now_ms: i64,
-    ) -> Option<SkipReason> {
+    ) -> Result<Permit, SkipReason> {
         if let Err((reason, _)) = buyer.rules.admits(lead, now_ms) {
-            return Some(reason);
+            return Err(reason);
         }
         if buyer.rules.caps.is_limited() {
             // A ping buyer needs room for at least one cent; a direct buyer for its price.
@@ -303,16 +304,16 @@ impl Shared {
             );
             match self.coord.would_fit(&checks, now_ms).await {
                 Ok(true) => {}
-                Ok(false) => return Some(SkipReason::Capped),
+                Ok(false) => return Err(SkipReason::Capped),
                 Err(e) => {
                     tracing::error!(buyer = %buyer.id, error = %e, "cap check failed; buyer skipped");
-                    return Some(SkipReason::CapsUnavailable);
+                    return Err(SkipReason::CapsUnavailable);
                 }
             }
         }
         match buyer.health.permit() {
-            Permit::Allowed | Permit::Probe => None,
-            Permit::Denied => Some(SkipReason::BreakerOpen),
+            Permit::Denied => Err(SkipReason::BreakerOpen),
+            permit => Ok(permit),
         }
     }
 
@@ -348,15 +349,24 @@ impl Shared {
         )
         .await;
         let mut pings = Vec::new();
+        // Direct buyers let out on their breaker's probe: a probe not used on a post is given
+        // back, or an outbid buyer would wait another cooldown for its next chance.
+        let mut direct_probes = Vec::new();
         for ((index, buyer), skip) in s.buyers.iter().enumerate().zip(skips) {
             let ping_id = ulid::Ulid::new().to_string();
             ping_ids.push(ping_id.clone());
-            if let Some(reason) = skip {
-                self.skipped(&mut log, buyer, reason);
-                continue;
-            }
+            let permit = match skip {
+                Ok(permit) => permit,
+                Err(reason) => {
+                    self.skipped(&mut log, buyer, reason);
+                    continue;
+                }
+            };
             match buyer.fixed_price {
                 Some(price) => {
+                    if permit == Permit::Probe {
+                        direct_probes.push(index);
+                    }
                     log.push(AuctionEvent::Direct {
                         buyer: buyer.id.clone(),
                         bid_cents: price.cents(),
@@ -527,6 +537,15 @@ impl Shared {
             }
             if queue.is_done() {
                 break;
+            }
+        }
+        for index in direct_probes {
+            let buyer = &s.buyers[index];
+            let posted = log.iter().any(
+                |event| matches!(event, AuctionEvent::Post { buyer: b, .. } if *b == buyer.id),
+            );
+            if !posted {
+                buyer.health.probe_unused();
             }
         }
         let (sold, total) = queue.into_sale();

@@ -82,6 +82,14 @@ impl Breaker {
         }
     }
 
+    /// The probe let out was not used (a direct-post buyer outbid, so never posted to): the
+    /// next request may probe at once instead of after another cooldown.
+    pub fn probe_unused(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probe_since_ms = None;
+        }
+    }
+
     /// Records an answer (`true`) or a timeout/error (`false`); returns the new state when
     /// it changed. While open, late outcomes of requests sent before it opened are ignored:
     /// only the probe decides.
@@ -114,6 +122,24 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unused_probe_lets_the_next_request_probe_at_once() {
+        let mut b = Breaker::new(1, 1000);
+        b.record(false, 0);
+        assert_eq!(b.permit(1000), Permit::Probe);
+        // Another request meanwhile waits for the probe's outcome...
+        assert_eq!(b.permit(1001), Permit::Denied);
+        // ...unless the probe was never sent.
+        b.probe_unused();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.permit(1002), Permit::Probe);
+        b.record(true, 1003);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // Closed, an unused permit changes nothing.
+        b.probe_unused();
+        assert_eq!(b.permit(1004), Permit::Allowed);
+    }
 
     #[test]
     fn opens_after_consecutive_failures_only() {
