@@ -722,11 +722,22 @@ impl StorageConfig {
 /// An address (`10.0.0.7`) or range (`172.16.0.0/12`) of `trusted_proxies`.
 pub fn parse_proxy(text: &str) -> Option<ipnet::IpNet> {
     let text = text.trim();
-    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+    let net = text.parse::<ipnet::IpNet>().ok().or_else(|| {
         text.parse::<std::net::IpAddr>()
             .ok()
             .map(ipnet::IpNet::from)
-    })
+    })?;
+    // Client addresses are compared as IPv4 when they are IPv4 written as IPv6, so a range
+    // written that way (`::ffff:10.0.0.0/104`) is read as the IPv4 range it holds.
+    if let ipnet::IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let std::net::IpAddr::V4(v4) = std::net::IpAddr::V6(v6.network()).to_canonical()
+    {
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .ok()
+            .map(ipnet::IpNet::V4);
+    }
+    Some(net)
 }
 
 /// Line (1-based) of a byte offset in the source text.

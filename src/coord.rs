@@ -66,6 +66,15 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn lease(&self, key: &str, now_ms: i64, expires_at_ms: i64) -> Result<bool, CoordError>;
 
     async fn end_lease(&self, key: &str) -> Result<(), CoordError>;
+
+    /// Moves the end of a lease this node holds to `expires_at_ms`; `false` when it does not
+    /// hold it (expired, or another node's).
+    async fn extend_lease(
+        &self,
+        key: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, CoordError>;
 }
 
 pub type SharedCoordinator = Arc<dyn Coordinator>;
@@ -329,6 +338,22 @@ impl Coordinator for MemoryCoordinator {
         self.leases.lock().expect("leases").remove(key);
         Ok(())
     }
+
+    async fn extend_lease(
+        &self,
+        key: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, CoordError> {
+        let mut leases = self.leases.lock().expect("leases");
+        match leases.get_mut(key) {
+            Some(exp) if *exp > now_ms => {
+                *exp = expires_at_ms;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -374,6 +399,27 @@ mod tests {
         assert!(coord.reserve(&sale, 0).await.unwrap());
         assert!(!coord.reserve(&sale, 0).await.unwrap(), "900 + 150 > 1000");
         assert_eq!(coord.counter("cap"), Some(6));
+    }
+
+    #[tokio::test]
+    async fn a_held_lease_is_extended_and_an_expired_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(dir.path(), 64).unwrap());
+        let coord = MemoryCoordinator::new(store);
+        assert!(coord.lease("retry/1", 0, 100).await.unwrap());
+        assert!(coord.extend_lease("retry/1", 50, 10_000).await.unwrap());
+        assert!(
+            !coord.lease("retry/1", 5_000, 6_000).await.unwrap(),
+            "held past its first end"
+        );
+        assert!(
+            !coord.extend_lease("retry/1", 20_000, 30_000).await.unwrap(),
+            "expired"
+        );
+        assert!(
+            !coord.extend_lease("retry/2", 0, 100).await.unwrap(),
+            "never leased"
+        );
     }
 
     #[tokio::test]

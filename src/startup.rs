@@ -226,10 +226,22 @@ impl Application {
             idempotency_across_nodes: coord_shared.then(|| {
                 http::leads::SharedIdempotency::new(
                     coord.clone(),
+                    // The longest answer: the ping window, then a post to each buyer in turn
+                    // (a post that times out goes to the next bid with its own timeout).
                     config
                         .campaigns
                         .iter()
-                        .map(|c| Duration::from_millis(c.ping_timeout_ms + c.post_timeout_ms))
+                        .map(|c| {
+                            let buyers = config
+                                .buyers
+                                .iter()
+                                .filter(|b| {
+                                    b.campaigns.iter().any(|id| id.get_ref() == c.id.get_ref())
+                                })
+                                .count()
+                                .max(1) as u64;
+                            Duration::from_millis(c.ping_timeout_ms + c.post_timeout_ms * buyers)
+                        })
                         .max()
                         .unwrap_or_default(),
                 )

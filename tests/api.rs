@@ -1321,6 +1321,9 @@ async fn idempotency_key_replays_the_first_answer() {
     }
     reordered.insert("phone".into(), json!("+1 (555) 123-4567"));
     reordered.insert("state".into(), json!("tx"));
+    // A field the exchange does not know may change between a request and its retry.
+    reordered.insert("attempt".into(), json!(2));
+    reordered.insert("seller".into(), json!("acme1234"));
     let (status, again) = send("order-1", Value::Object(reordered)).await;
     assert_eq!((status, &again), (200, &first));
     // The key reused for another person is refused, not answered with the first lead's id:

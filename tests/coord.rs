@@ -225,6 +225,27 @@ async fn claims_are_all_or_none_exclusive_and_expire_and_leases_belong_to_their_
         1,
         "another node cannot end a lease it does not hold"
     );
+    // Only the holder moves its end.
+    assert!(
+        !node_b
+            .extend_lease("retry/1", now, now + 3_600_000)
+            .await
+            .unwrap()
+    );
+    assert!(redis.integer(&["PTTL", "c:retry/1"]) <= 60_000);
+    assert!(
+        node_a
+            .extend_lease("retry/1", now, now + 3_600_000)
+            .await
+            .unwrap()
+    );
+    assert!(redis.integer(&["PTTL", "c:retry/1"]) > 3_000_000);
+    assert!(
+        !node_a
+            .extend_lease("retry/none", now, now + 1_000)
+            .await
+            .unwrap()
+    );
     node_a.end_lease("retry/1").await.unwrap();
     assert!(
         node_b

@@ -32,6 +32,8 @@ use crate::webhooks::WebhookSender;
 const RETRY_BATCH: usize = 64;
 /// How long one re-auction may hold its lead before another node or tick may take it.
 const RETRY_LEASE_MS: i64 = 5 * 60 * 1000;
+/// How long a re-auction's lead stays leased while its sale waits in this node's spill.
+const SPILLED_LEASE_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// A buyer as one campaign sees it.
 #[derive(Clone)]
@@ -608,8 +610,23 @@ impl Shared {
             .await;
         if self.store.held_locally(&record.lead_id).await {
             // Its sale waits in this node's spill: other nodes still read the lead as pending,
-            // and the lease (until it expires) keeps them from auctioning it again.
-            tracing::warn!(lead_id = %record.lead_id, "re-auction lease kept while its sale waits in the spill");
+            // and the lease, held a day, keeps them from auctioning it again meanwhile.
+            let now = self.clock.now_ms();
+            match self
+                .coord
+                .extend_lease(&lease, now, now + SPILLED_LEASE_MS)
+                .await
+            {
+                Ok(true) => {
+                    tracing::warn!(lead_id = %record.lead_id, "re-auction lease held while its sale waits in the spill")
+                }
+                Ok(false) => {
+                    tracing::error!(lead_id = %record.lead_id, "re-auction lease lost while its sale waits in the spill")
+                }
+                Err(e) => {
+                    tracing::error!(lead_id = %record.lead_id, error = %e, "re-auction lease not extended while its sale waits in the spill")
+                }
+            }
             return;
         }
         if let Err(e) = self.coord.end_lease(&lease).await {

@@ -66,6 +66,15 @@ end
 return 1
 "#;
 
+/// Moves the lease in `KEYS[1]` to end in `ARGV[2]` ms, only while this node (`ARGV[1]`)
+/// holds it. Returns 1 when moved.
+const EXTEND_LEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
 /// Deletes the lease in `KEYS[1]` only while this node (`ARGV[1]`) still holds it.
 const END_LEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -278,5 +287,24 @@ impl Coordinator for RedisCoordinator {
             .bounded(invocation.invoke_async(&mut connection))
             .await?;
         Ok(())
+    }
+
+    async fn extend_lease(
+        &self,
+        key: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, CoordError> {
+        let script = Script::new(EXTEND_LEASE_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.key(key))
+            .arg(&self.node_tag)
+            .arg((expires_at_ms - now_ms).max(1));
+        let mut connection = self.connection.clone();
+        let moved: i64 = self
+            .bounded(invocation.invoke_async(&mut connection))
+            .await?;
+        Ok(moved == 1)
     }
 }

@@ -393,34 +393,50 @@ async fn submit_lead(
 }
 
 /// The first answer again for a repeated Idempotency-Key, when the lead is the one that key
-/// was first used for. The same key on another lead (another phone, another name: a key
-/// reused by mistake) is refused rather than answered with the first lead's id: that lead
-/// would be neither auctioned nor stored, and the supplier would believe it sold.
+/// was first used for: the same seller, category and person (the fields the exchange knows,
+/// normalised). The key on another person (a key reused by mistake) is refused rather than
+/// answered with the first lead's id: that lead would be neither auctioned nor stored, and
+/// the supplier would believe it sold. Fields the exchange does not know (a tracking
+/// parameter, an attempt number) may differ between a request and its retry.
 async fn replay(
     state: &AppState,
     answer: IdempotentAnswer,
     lead: &Lead,
 ) -> Result<HttpResponse, ApiError> {
-    let first = state
-        .store
-        .get_lead(&answer.lead_id)
-        .await
-        .map_err(|e| ApiError::StorageUnavailable(e.to_string()))?;
-    if let Some(first) = first
-        && !same_fields(&first.fields, &lead.fields)
-    {
-        return Err(ApiError::InvalidBody(format!(
-            "Idempotency-Key was used for another lead ({}) within 24 h; a new lead needs a new key",
-            answer.lead_id
-        )));
+    match state.store.get_lead(&answer.lead_id).await {
+        Ok(Some(first)) if !same_lead(&first.fields, &lead.fields) => {
+            return Err(ApiError::InvalidBody(format!(
+                "Idempotency-Key was used for another lead ({}) within 24 h; a new lead needs a new key",
+                answer.lead_id
+            )));
+        }
+        Ok(_) => {}
+        // The first answer stands without the check: a storage hiccup must not turn a retry
+        // into an error the supplier answers by sending the lead again.
+        Err(e) => {
+            tracing::warn!(error = %e, lead_id = %answer.lead_id, "Idempotency-Key replayed without comparing the lead")
+        }
     }
     counter!(telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
     Ok(ok_json(answer.body))
 }
 
-/// Whether two leads' fields, both normalised, hold the same values (in any order).
-fn same_fields(a: &FieldMap, b: &FieldMap) -> bool {
-    a.len() == b.len() && a.iter().all(|(name, value)| b.get(name) == Some(value))
+/// Whether two leads' known fields, both normalised, hold the same values (seller and
+/// category, matched without regard to case as they are for routing, as text).
+fn same_lead(a: &FieldMap, b: &FieldMap) -> bool {
+    use crate::domain::lead::{EMAIL, FIRST_NAME, LAST_NAME, PHONE, STATE, ZIP};
+    let folded = |map: &FieldMap, name: &str| {
+        text_value(map.get(name))
+            .ok()
+            .flatten()
+            .map(|t| t.to_lowercase())
+    };
+    [SELLER, CATEGORY]
+        .iter()
+        .all(|name| folded(a, name) == folded(b, name))
+        && [FIRST_NAME, LAST_NAME, PHONE, STATE, EMAIL, ZIP]
+            .iter()
+            .all(|name| a.get(*name) == b.get(*name))
 }
 
 /// Idempotency-Keys claimed in the shared coordinator, so two nodes receiving the same key at
@@ -438,7 +454,8 @@ pub struct SharedIdempotency {
 const IDEMPOTENCY_POLL: std::time::Duration = std::time::Duration::from_millis(25);
 
 impl SharedIdempotency {
-    /// `auction_deadline`: the longest ping plus post time of any campaign.
+    /// `auction_deadline`: the longest answer of any campaign, its ping window plus a post to
+    /// each of its buyers in turn.
     pub fn new(
         coord: crate::coord::SharedCoordinator,
         auction_deadline: std::time::Duration,
@@ -707,6 +724,14 @@ mod tests {
             }
             client_address(&req.to_http_request(), &trusted)
         };
+        // A range written as IPv4-mapped IPv6 in the config is the IPv4 range it holds.
+        let mapped = vec![crate::config::parse_proxy("::ffff:10.0.0.0/104").unwrap()];
+        assert_eq!(mapped, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
+        let req = actix_web::test::TestRequest::default()
+            .peer_addr("[::ffff:10.0.0.7]:40000".parse().unwrap())
+            .insert_header(("x-forwarded-for", "203.0.113.9"))
+            .to_http_request();
+        assert_eq!(client_address(&req, &mapped), "203.0.113.9");
         // A load balancer's IPv4 address as a dual-stack listener sees it is still trusted.
         assert_eq!(
             from("[::ffff:10.0.0.7]:40000", Some("203.0.113.9")),

@@ -22,6 +22,9 @@ use crate::telemetry;
 /// How often a non-empty spill is offered to storage again.
 pub const REPLAY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Spilled sales copied out and written per step of a replay.
+const REPLAY_BATCH: usize = 64;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Spilled {
     record: LeadRecord,
@@ -40,7 +43,12 @@ struct Spill {
 /// Any store, plus the spill of sold leads its writes refused.
 pub struct SpillingStore {
     inner: Arc<dyn LeadStore>,
+    /// Held only to read or change the entries, never across a write to storage: reads of
+    /// the spill must not wait for a replay.
     spill: tokio::sync::Mutex<Spill>,
+    /// One replay at a time (the background loop, a close, a test): entries leave the front
+    /// of the spill only through it.
+    replaying: tokio::sync::Mutex<()>,
     max: usize,
     closed: AtomicBool,
 }
@@ -88,6 +96,7 @@ impl SpillingStore {
             }),
             max: max.max(1),
             closed: AtomicBool::new(false),
+            replaying: tokio::sync::Mutex::new(()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(replay_loop(Arc::downgrade(&store)));
@@ -101,37 +110,54 @@ impl SpillingStore {
     }
 
     /// Offers the spilled sales to storage, oldest first, until one fails; returns how many
-    /// were stored.
+    /// were stored. The entries are copied out a batch at a time and written without the
+    /// spill's lock, so reads go on meanwhile.
     pub async fn replay(&self) -> Result<usize, StorageError> {
-        let mut spill = self.spill.lock().await;
-        let mut stored = 0;
-        let mut failure = None;
-        for entry in &spill.entries {
-            let stored_now = if entry.update {
-                self.inner.update_lead(entry.record.clone()).await
-            } else {
-                self.inner
-                    .insert_lead(Arc::new(entry.record.clone()), entry.idempotency.clone())
-                    .await
+        let _only = self.replaying.lock().await;
+        let mut stored_total = 0;
+        loop {
+            let batch: Vec<Spilled> = {
+                let spill = self.spill.lock().await;
+                spill.entries.iter().take(REPLAY_BATCH).cloned().collect()
             };
-            match stored_now {
-                Ok(()) => stored += 1,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
+            let mut stored = 0;
+            let mut failure = None;
+            for entry in &batch {
+                let stored_now = if entry.update {
+                    self.inner.update_lead(entry.record.clone()).await
+                } else {
+                    self.inner
+                        .insert_lead(Arc::new(entry.record.clone()), entry.idempotency.clone())
+                        .await
+                };
+                match stored_now {
+                    Ok(()) => stored += 1,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
-        }
-        if stored > 0 {
-            spill.entries.drain(..stored);
-            rewrite(&spill.path, &spill.entries)?;
-            metrics::counter!(telemetry::STORAGE_SPILL_REPLAYED_TOTAL).increment(stored as u64);
-            metrics::gauge!(telemetry::STORAGE_SPILL_PENDING).set(spill.entries.len() as f64);
-            tracing::info!(stored, left = spill.entries.len(), "spilled sales stored");
-        }
-        match failure {
-            Some(e) if stored == 0 => Err(e),
-            _ => Ok(stored),
+            if stored > 0 {
+                // Only a replay takes entries off the front, so these are the ones written.
+                let mut spill = self.spill.lock().await;
+                spill.entries.drain(..stored);
+                rewrite(&spill.path, &spill.entries)?;
+                metrics::counter!(telemetry::STORAGE_SPILL_REPLAYED_TOTAL).increment(stored as u64);
+                metrics::gauge!(telemetry::STORAGE_SPILL_PENDING).set(spill.entries.len() as f64);
+                tracing::info!(stored, left = spill.entries.len(), "spilled sales stored");
+            }
+            stored_total += stored;
+            if let Some(e) = failure {
+                return if stored_total == 0 {
+                    Err(e)
+                } else {
+                    Ok(stored_total)
+                };
+            }
+            if batch.len() < REPLAY_BATCH {
+                return Ok(stored_total);
+            }
         }
     }
 
@@ -284,10 +310,15 @@ impl LeadStore for SpillingStore {
         due_ms: i64,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
-        let mut due = self.inner.pending_due(campaign_id, due_ms, limit).await?;
-        let spill = self.spill.lock().await;
-        if !spill.entries.is_empty() {
-            // Sold since, and waiting in the spill: no longer pending.
+        let spilled = self.spilled().await;
+        // Leads sold since and waiting in the spill are no longer pending; as many more are
+        // asked for, so they cannot fill every tick's list while due leads wait behind them.
+        let mut due = self
+            .inner
+            .pending_due(campaign_id, due_ms, limit.saturating_add(spilled))
+            .await?;
+        if spilled > 0 {
+            let spill = self.spill.lock().await;
             due.retain(|lead| {
                 !spill
                     .entries
@@ -295,6 +326,7 @@ impl LeadStore for SpillingStore {
                     .any(|e| e.record.lead_id == lead.lead_id)
             });
         }
+        due.truncate(limit);
         Ok(due)
     }
 
@@ -499,6 +531,12 @@ mod tests {
         assert_eq!(due(store.clone()).await, ["L2"]);
         assert_eq!(store.get_lead("L1").await.unwrap(), Some(sold.clone()));
         assert!(store.held_locally("L1").await && !store.held_locally("L2").await);
+        // A tick asking for one lead gets L2: the spilled L1 does not take its place.
+        let one = store.pending_due("acme-auto", due_at, 1).await.unwrap();
+        assert_eq!(
+            one.iter().map(|l| l.lead_id.as_str()).collect::<Vec<_>>(),
+            ["L2"]
+        );
 
         // Storage takes writes again: the sale is replayed as an update of the record.
         flaky.failing.store(false, Ordering::Release);
