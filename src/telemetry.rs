@@ -323,7 +323,7 @@ fn describe() {
     describe_gauge!(
         CAMPAIGN_AUCTION_DEADLINE,
         Unit::Seconds,
-        "Longest a campaign's auction may take before its outcome is stored: ping_timeout_ms + post_timeout_ms."
+        "A campaign's ping_timeout_ms + post_timeout_ms: the longest its auction takes when no post times out (each post that does adds a post_timeout_ms for the next bid)."
     );
 }
 
