@@ -406,12 +406,9 @@ impl Shared {
                 }
             }
         }
-        for (index, mut result) in join_all(pings).await {
+        // A bid read after the deadline comes back from the buyer actor as a timeout.
+        for (index, result) in join_all(pings).await {
             let buyer = &s.buyers[index];
-            if result.answered_at > ping_deadline && matches!(result.reply, PingReply::Bid { .. }) {
-                // A bid that came in after the deadline does not count: logged as a timeout.
-                result.reply = PingReply::NoBid(NoBid::Timeout);
-            }
             let bid_cents = match &result.reply {
                 PingReply::Bid { price, .. } => Some(price.cents()),
                 PingReply::NoBid(_) => None,

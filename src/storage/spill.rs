@@ -161,14 +161,15 @@ impl SpillingStore {
         }
     }
 
-    /// Appends `entry` to the spill; `true` once it is durably in the file.
-    async fn keep(&self, entry: Spilled, cause: &StorageError) -> bool {
+    /// Appends `entry`, which storage refused with `cause`, to the spill: `Ok` once it is
+    /// durably in the file, else `cause`.
+    async fn keep(&self, entry: Spilled, cause: StorageError) -> Result<(), StorageError> {
         let mut spill = self.spill.lock().await;
         let lead_id = entry.record.lead_id.clone();
         if spill.entries.len() >= self.max {
             metrics::counter!(telemetry::STORAGE_SPILL_DROPPED_TOTAL).increment(1);
             tracing::error!(lead_id = %lead_id, max = self.max, error = %cause, "spill file full: a sold lead is only in this log line: {}", serde_json::to_string(&entry.record).unwrap_or_default());
-            return false;
+            return Err(cause);
         }
         match append(&spill.path, &entry) {
             Ok(()) => {
@@ -176,12 +177,12 @@ impl SpillingStore {
                 metrics::counter!(telemetry::STORAGE_SPILLED_TOTAL).increment(1);
                 metrics::gauge!(telemetry::STORAGE_SPILL_PENDING).set(spill.entries.len() as f64);
                 tracing::warn!(lead_id = %lead_id, error = %cause, "storage refused a sold lead; it is in {} and replayed when storage is back", spill.path.display());
-                true
+                Ok(())
             }
             Err(e) => {
                 metrics::counter!(telemetry::STORAGE_SPILL_DROPPED_TOTAL).increment(1);
                 tracing::error!(lead_id = %lead_id, error = %e, "sold lead could not be spilled: {}", serde_json::to_string(&entry.record).unwrap_or_default());
-                false
+                Err(cause)
             }
         }
     }
@@ -259,18 +260,15 @@ impl LeadStore for SpillingStore {
                     idempotency,
                     update: false,
                 };
-                if self.keep(entry, &cause).await {
-                    Ok(())
-                } else {
-                    Err(cause)
-                }
+                self.keep(entry, cause).await
             }
             (result, _) => result,
         }
     }
 
     async fn held_locally(&self, lead_id: &str) -> bool {
-        self.spilled_lead(lead_id).await.is_some()
+        let spill = self.spill.lock().await;
+        spill.entries.iter().any(|e| e.record.lead_id == lead_id)
     }
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
@@ -294,11 +292,7 @@ impl LeadStore for SpillingStore {
                     idempotency: None,
                     update: true,
                 };
-                if self.keep(entry, &cause).await {
-                    Ok(())
-                } else {
-                    Err(cause)
-                }
+                self.keep(entry, cause).await
             }
             ok => ok,
         }

@@ -380,14 +380,13 @@ impl Connected {
         result.map(|_| ())
     }
 
-    /// The auction-log rows of `record` from `from` on.
+    /// The rows of `record`'s auction log.
     fn log_parts(
         &self,
         record: &LeadRecord,
-        from: usize,
     ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
         let mut parts: Vec<(&PreparedStatement, Values)> = Vec::new();
-        for (seq, event) in record.auction_log.iter().enumerate().skip(from) {
+        for (seq, event) in record.auction_log.iter().enumerate() {
             let (name, buyer) = event_name(event);
             let detail = serde_json::to_string(event).map_err(backend)?;
             parts.push((
@@ -404,12 +403,11 @@ impl Connected {
         Ok(parts)
     }
 
-    /// The statements that store `record`, its auction-log rows from `log_from` on, and its
-    /// indexes (pending queue entry included).
+    /// The statements that store `record` and its indexes (pending queue entry included); its
+    /// auction log's rows are `log_parts`.
     fn record_parts(
         &self,
         record: &LeadRecord,
-        log_from: usize,
     ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
         let s = &self.statements;
         let fields = serde_json::to_string(&record.fields).map_err(backend)?;
@@ -430,7 +428,6 @@ impl Connected {
                 record.auction_log.len() as i64,
             )),
         ));
-        parts.extend(self.log_parts(record, log_from)?);
         let (day, hour) = day_hour(record.created_at_ms);
         parts.push((
             &s.insert_by_day,
@@ -516,7 +513,9 @@ impl LeadStore for ScyllaStore {
         idempotency: Option<(String, IdempotentAnswer)>,
     ) -> Result<(), StorageError> {
         let c = self.connected()?;
-        let mut parts = c.record_parts(&record, 0)?;
+        // A new lead's log is short (one auction): it goes in the lead's batch.
+        let mut parts = c.record_parts(&record)?;
+        parts.extend(c.log_parts(&record)?);
         if let Some((key, answer)) = idempotency {
             parts.push((
                 &c.statements.insert_idempotency,
@@ -546,13 +545,13 @@ impl LeadStore for ScyllaStore {
         // re-auction made that batch larger each time, until a lead pending for hours passed
         // the cluster's batch size limit and every later update of it failed. Rows past the
         // stored `log_len` are not read, so rows written before a failed update stay unseen.
-        let mut rows = c.log_parts(&record, 0)?;
+        let mut rows = c.log_parts(&record)?;
         while !rows.is_empty() {
             let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_BATCH));
             c.write(rows).await?;
             rows = rest;
         }
-        let mut parts = c.record_parts(&record, record.auction_log.len())?;
+        let mut parts = c.record_parts(&record)?;
         if let Some(QueueEntryRow {
             campaign_id,
             next_retry_ms: Some(due),
