@@ -4,16 +4,29 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use actix::Actor;
 use actix_web::{HttpRequest, HttpResponse, web};
 use common::*;
 use hmac::{Hmac, Mac};
 use jiff::civil::date;
 use jiff::tz::TimeZone;
+use leadex::actors::{
+    BuyerActor, BuyerHealth, BuyerSettings, CampaignActor, CampaignBuyer, CampaignServices,
+    CampaignSettings,
+};
+use leadex::buyers::ReplyMapping;
 use leadex::clock::Clock;
+use leadex::coord::MemoryCoordinator;
+use leadex::domain::campaign::{BuyerRules, PendingPolicy};
+use leadex::domain::{AuctionRules, FieldMap, Price};
 use leadex::sim::{Behaviour, BidSpec, BuyerSim};
+use leadex::storage::embedded::EmbeddedStore;
+use leadex::storage::{IdempotentAnswer, LeadRecord, LeadStatus, LeadStore, StorageError};
+use leadex::webhooks::WebhookSender;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -584,6 +597,245 @@ async fn a_pending_lead_is_sold_on_retry_when_a_buyer_starts_bidding() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(buyer.stats.pings(), pings);
     app.stop().await;
+}
+
+/// One node's view of a store shared with another node: its first listing of due leads is
+/// read at once but answered only when the test opens `gate`, so it can go stale meanwhile.
+struct HeldListing {
+    inner: Arc<dyn LeadStore>,
+    gate: Arc<tokio::sync::Semaphore>,
+    /// Leads in the first listing, once read.
+    listed: Mutex<Option<usize>>,
+    listings: AtomicUsize,
+    reads: AtomicUsize,
+}
+
+impl HeldListing {
+    fn new(inner: Arc<dyn LeadStore>) -> Arc<HeldListing> {
+        Arc::new(HeldListing {
+            inner,
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            listed: Mutex::new(None),
+            listings: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl LeadStore for HeldListing {
+    async fn insert_lead(
+        &self,
+        record: Arc<LeadRecord>,
+        idempotency: Option<(String, IdempotentAnswer)>,
+    ) -> Result<(), StorageError> {
+        self.inner.insert_lead(record, idempotency).await
+    }
+    async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_lead(lead_id).await
+    }
+    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
+        self.inner.update_lead(record).await
+    }
+    async fn pending_due(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        let due = self.inner.pending_due(campaign_id, due_ms, limit).await;
+        if self.listings.fetch_add(1, Ordering::SeqCst) == 0 {
+            *self.listed.lock().unwrap() = Some(due.as_ref().map_or(0, Vec::len));
+            self.gate.acquire().await.expect("gate").forget();
+        }
+        due
+    }
+    async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
+        self.inner.put_state(key, value).await
+    }
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get_state(key).await
+    }
+    async fn get_idempotent(
+        &self,
+        supplier_id: &str,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<Option<IdempotentAnswer>, StorageError> {
+        self.inner.get_idempotent(supplier_id, key, now_ms).await
+    }
+    async fn leads_of_supplier_day(
+        &self,
+        supplier_id: &str,
+        day: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        self.inner
+            .leads_of_supplier_day(supplier_id, day, after, limit)
+            .await
+    }
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.inner.ping().await
+    }
+    async fn close(&self) -> Result<(), StorageError> {
+        self.inner.close().await
+    }
+}
+
+/// The re-auction scheduler of a campaign on one node, over `store`, leasing through `coord`.
+fn reauctioning_campaign(
+    store: Arc<dyn LeadStore>,
+    coord: Arc<MemoryCoordinator>,
+    buyer: &BuyerSim,
+) -> actix::Addr<CampaignActor> {
+    let health = Arc::new(BuyerHealth::new(
+        "never-bids",
+        5,
+        Duration::from_secs(30),
+        Clock::system(),
+    ));
+    let actor = BuyerActor::new(BuyerSettings {
+        id: "never-bids".to_owned(),
+        ping_url: Some(buyer.url("/ping")),
+        post_url: buyer.url("/post"),
+        headers: Vec::new(),
+        max_in_flight: 16,
+        http2: false,
+        ca_certs: Vec::new(),
+        in_flight: Default::default(),
+        mapping: ReplyMapping::default(),
+        health: health.clone(),
+    })
+    .expect("buyer actor");
+    let settings = CampaignSettings {
+        id: "acme-auto".to_owned(),
+        category: "Auto Insurance".to_owned(),
+        seller: "ACME1234".to_owned(),
+        personal_fields: Vec::new(),
+        ping_timeout: Duration::from_millis(300),
+        post_timeout: Duration::from_millis(1000),
+        rules: AuctionRules {
+            campaign_floor: Price::ZERO,
+            max_buyers: 1,
+        },
+        buyers: vec![CampaignBuyer {
+            id: "never-bids".to_owned(),
+            addr: actor.start(),
+            fixed_price: None,
+            floor: Price::ZERO,
+            rules: Arc::new(BuyerRules::default()),
+            health,
+        }],
+        dedupe_days: None,
+        // Ticks every second; a lead auctioned and still unsold is due again a minute later.
+        pending: Some(PendingPolicy {
+            ttl_ms: 3_600_000,
+            retry_interval_ms: 60_000,
+        }),
+    };
+    CampaignActor::new(
+        settings,
+        CampaignServices {
+            store,
+            coord,
+            clock: Clock::system(),
+            webhooks: WebhookSender::new(Default::default()),
+            drain: Default::default(),
+            reauctions: true,
+        },
+    )
+    .start()
+}
+
+async fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {within:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_web::test]
+async fn two_nodes_sharing_a_store_auction_a_due_lead_once_though_both_listed_it() {
+    let buyer = sim("none", 0);
+    let dir = data_dir();
+    let shared: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(&dir, 64).unwrap());
+    let now = Clock::system().now_ms();
+    let fields: FieldMap = serde_json::from_value(lead()).unwrap();
+    shared
+        .insert_lead(
+            Arc::new(LeadRecord {
+                lead_id: "01KPENDING0000000000000001".to_owned(),
+                supplier_id: "sup-1".to_owned(),
+                seller: "ACME1234".to_owned(),
+                campaign_id: "acme-auto".to_owned(),
+                created_at_ms: now - 120_000,
+                status: LeadStatus::Pending,
+                price_cents: 0,
+                buyer_ids: Vec::new(),
+                fields,
+                auction_log: Vec::new(),
+                next_retry_ms: Some(now - 60_000),
+            }),
+            None,
+        )
+        .await
+        .unwrap();
+    // Leases are shared, as through Redis; each node has its own view of the store.
+    let coord = Arc::new(MemoryCoordinator::new(shared.clone()));
+    let (first, second) = (
+        HeldListing::new(shared.clone()),
+        HeldListing::new(shared.clone()),
+    );
+    let _a = reauctioning_campaign(first.clone(), coord.clone(), &buyer);
+    let _b = reauctioning_campaign(second.clone(), coord.clone(), &buyer);
+
+    // Both nodes list the lead as due before either auctions it.
+    wait_until("both listings", Duration::from_secs(5), || {
+        first.listed.lock().unwrap().is_some() && second.listed.lock().unwrap().is_some()
+    })
+    .await;
+    assert_eq!(*first.listed.lock().unwrap(), Some(1));
+    assert_eq!(*second.listed.lock().unwrap(), Some(1));
+
+    // The first node auctions it (no bid: pending, due a minute later) and ends its tick.
+    first.gate.add_permits(1);
+    wait_until("the first node's auction", Duration::from_secs(5), || {
+        buyer.stats.pings() == 1
+    })
+    .await;
+    wait_until("the first node's next tick", Duration::from_secs(5), || {
+        first.listings.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let stored = shared
+        .get_lead("01KPENDING0000000000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, LeadStatus::Pending);
+    assert!(stored.next_retry_ms.unwrap() > now + 30_000, "{stored:?}");
+
+    // The second node goes on with its stale listing: the lease is free again, but the lead
+    // it reads once it holds the lease is no longer due, so its buyers are not pinged again.
+    second.gate.add_permits(1);
+    wait_until(
+        "the second node's read of the lead",
+        Duration::from_secs(5),
+        || second.reads.load(Ordering::SeqCst) >= 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(buyer.stats.pings(), 1, "auctioned once");
+    let after = shared
+        .get_lead("01KPENDING0000000000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.auction_log, stored.auction_log);
+    assert_eq!(after.next_retry_ms, stored.next_retry_ms);
 }
 
 #[actix_web::test]

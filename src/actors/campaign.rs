@@ -633,16 +633,17 @@ impl Shared {
 
     async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) {
         let campaign = self.settings.id.clone();
-        // The stored lead may have changed since it was listed (another tick sold it).
+        // The stored lead may have changed since it was listed: another node may have sold
+        // it, or auctioned it and queued it for later, between the listing and the lease.
+        let now = self.clock.now_ms();
         match self.store.get_lead(&record.lead_id).await {
-            Ok(Some(current)) if current.status == LeadStatus::Pending => *record = current,
+            Ok(Some(current)) if current.due_at(now) => *record = current,
             Ok(_) => return,
             Err(e) => {
                 tracing::error!(error = %e, "pending lead could not be read");
                 return;
             }
         }
-        let now = self.clock.now_ms();
         let mut resolved = None;
         if policy.expired(record.created_at_ms, now) {
             record.status = LeadStatus::Unsold;

@@ -98,6 +98,16 @@ pub struct LeadRecord {
     pub next_retry_ms: Option<i64>,
 }
 
+impl LeadRecord {
+    /// Whether the lead waits for an auction again at `now_ms`: pending, queued, and its next
+    /// try not in the future. A re-auction reads the lead again once it holds the lease and
+    /// goes on only if this still holds, since another node (or a tick before) may have
+    /// auctioned it since it was listed.
+    pub fn due_at(&self, now_ms: i64) -> bool {
+        self.status == LeadStatus::Pending && self.next_retry_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
 /// The answer given for an `Idempotency-Key`, kept so a repeat gets it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotentAnswer {
