@@ -50,6 +50,8 @@ pub struct Application {
     /// How long a signal-started shutdown waits for requests in flight.
     grace: Duration,
     drain: crate::drain::Drain,
+    /// Stopped with the node: notifications it has not delivered stay in its outbox.
+    webhooks: WebhookSender,
 }
 
 fn cores() -> usize {
@@ -102,7 +104,7 @@ impl Application {
                 .await
                 .map_err(StartupError::Invalid)?;
         let drain = crate::drain::Drain::default();
-        let webhooks = WebhookSender::new(
+        let webhooks = WebhookSender::with_outbox(
             config
                 .suppliers
                 .iter()
@@ -116,7 +118,9 @@ impl Application {
                     ))
                 })
                 .collect(),
-        );
+            &config.storage.path.join("webhooks.jsonl"),
+        )
+        .map_err(|e| StartupError::Invalid(format!("webhook outbox: {e}")))?;
 
         let services = CampaignServices {
             store: store.clone(),
@@ -292,6 +296,7 @@ impl Application {
             home,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             drain,
+            webhooks,
         })
     }
 
@@ -325,6 +330,7 @@ impl Application {
             home,
             grace,
             drain,
+            webhooks,
             ..
         } = self;
         let mut stop_began = None;
@@ -369,6 +375,7 @@ impl Application {
         if !drain.stop_and_wait(left).await {
             tracing::warn!("re-auctions still running at stop; their leads stay pending");
         }
+        webhooks.stop();
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "storage did not close cleanly");
         }

@@ -56,6 +56,7 @@ pub const DUPLICATES_TOTAL: &str = "leadex_duplicate_leads_total";
 pub const PENDING_RESOLVED_TOTAL: &str = "leadex_pending_resolved_total";
 pub const REAUCTIONS_TOTAL: &str = "leadex_reauctions_total";
 pub const WEBHOOKS_TOTAL: &str = "leadex_webhooks_total";
+pub const WEBHOOKS_WAITING: &str = "leadex_webhooks_waiting";
 
 /// Why a buyer was left out of an auction (`leadex_buyer_skipped_total`).
 pub const SKIP_REASONS: [&str; 5] = [
@@ -298,6 +299,10 @@ fn describe() {
     describe_counter!(
         WEBHOOKS_TOTAL,
         "Supplier webhook calls by outcome (delivered, retry, failed)."
+    );
+    describe_gauge!(
+        WEBHOOKS_WAITING,
+        "Supplier notifications in this node's outbox, not yet delivered or given up."
     );
     describe_gauge!(
         BUILD_INFO,

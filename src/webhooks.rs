@@ -1,18 +1,27 @@
 //! Supplier webhooks: when a pending lead is later sold or given up, the supplier's
 //! `webhook_url` gets a POST signed with `X-Leadex-Signature: sha256=<hex HMAC-SHA256 of the
-//! body>`. Body, signature and retry schedule are pure; `WebhookSender` does the I/O, retrying
-//! a bounded number of times in the background (retries are not kept over a restart).
+//! body>`. Body, signature and retry schedule are pure; `WebhookSender` does the I/O.
+//!
+//! A notification is written to the node's outbox file (`webhooks.jsonl` in the storage
+//! folder, synced) before its first try, and each try's result after it, so one not yet
+//! delivered when the process stops or crashes is tried again by the next start. Delivery is
+//! at least once: a crash between a delivery and its record repeats it, and a supplier tells
+//! repeats apart by `lead_id` and `event`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use metrics::counter;
-use serde::Serialize;
+use metrics::{counter, gauge};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::buyers::WirePrice;
+use crate::clock::now_ms;
 use crate::domain::Price;
 use crate::http::dto::rfc3339_ms;
 use crate::storage::{LeadRecord, LeadStatus};
@@ -21,8 +30,13 @@ use crate::telemetry;
 pub const SIGNATURE_HEADER: &str = "x-leadex-signature";
 pub const EVENT_HEADER: &str = "x-leadex-event";
 
-/// Tries of one webhook call, the first included.
-pub const MAX_ATTEMPTS: u32 = 6;
+/// The longest wait between two tries.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(3600);
+/// A notification is given up once its next try would come later than this after its first.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// The outbox file is rewritten with only what is still to deliver once it holds this many
+/// lines and four times as many as that.
+const COMPACT_LINES: usize = 1024;
 
 #[derive(Serialize)]
 struct WebhookBody<'a> {
@@ -69,14 +83,137 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// The wait before try `attempt` (1-based; the first try does not wait), or `None` once the
-/// tries are used up: 1 s, 2 s, 4 s, 8 s, 16 s.
-pub fn retry_delay(attempt: u32) -> Option<Duration> {
-    match attempt {
-        0 | 1 => Some(Duration::ZERO),
-        n if n <= MAX_ATTEMPTS => Some(Duration::from_secs(1 << (n - 2))),
-        _ => None,
+/// When to try again after `attempts` failed tries of a notification first tried at
+/// `first_at_ms`, the last of them ending at `now_ms`: 1 s after the first, then twice as long
+/// each time up to an hour; `None` (give up) once that would be more than a day after the
+/// first try.
+pub fn next_try_ms(first_at_ms: i64, attempts: u32, now_ms: i64) -> Option<i64> {
+    let wait = Duration::from_secs(1u64 << attempts.saturating_sub(1).min(12)).min(MAX_RETRY_WAIT);
+    let at = now_ms + wait.as_millis() as i64;
+    (at <= first_at_ms + GIVE_UP_AFTER.as_millis() as i64).then_some(at)
+}
+
+/// A notification as the outbox keeps it: the latest line of a lead and event wins, and a
+/// `done` line ends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outgoing {
+    pub lead_id: String,
+    pub event: String,
+    pub supplier_id: String,
+    /// The body as first sent; each try signs it with the supplier's secret of the time.
+    pub body: String,
+    /// Tries made so far.
+    pub attempts: u32,
+    pub first_at_ms: i64,
+    pub next_at_ms: i64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+}
+
+impl Outgoing {
+    fn key(&self) -> (String, String) {
+        (self.lead_id.clone(), self.event.clone())
     }
+}
+
+/// What an outbox file says is still to deliver, and how many lines it has. A line a crash
+/// tore mid-append (only the last can be) is skipped.
+pub fn fold_outbox(text: &str) -> (Vec<Outgoing>, usize) {
+    let mut open: HashMap<(String, String), Outgoing> = HashMap::new();
+    let mut order = Vec::new();
+    let mut lines = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        lines += 1;
+        match serde_json::from_str::<Outgoing>(line) {
+            Ok(entry) if entry.done => {
+                open.remove(&entry.key());
+            }
+            Ok(entry) => {
+                let key = entry.key();
+                if !open.contains_key(&key) {
+                    order.push(key.clone());
+                }
+                open.insert(key, entry);
+            }
+            Err(e) => tracing::error!(error = %e, "unreadable webhook outbox line skipped"),
+        }
+    }
+    let entries = order.into_iter().filter_map(|k| open.remove(&k)).collect();
+    (entries, lines)
+}
+
+/// The outbox file and what it holds that is still to deliver.
+struct Outbox {
+    path: PathBuf,
+    file: File,
+    open: HashMap<(String, String), Outgoing>,
+    lines: usize,
+}
+
+impl Outbox {
+    /// Reads what an earlier run left in `path` and rewrites the file with only that.
+    fn open(path: &Path) -> std::io::Result<(Outbox, Vec<Outgoing>)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let (entries, _) = fold_outbox(&text);
+        let open = entries.iter().map(|e| (e.key(), e.clone())).collect();
+        let file = rewrite(path, &entries)?;
+        let outbox = Outbox {
+            path: path.to_owned(),
+            file,
+            open,
+            lines: entries.len(),
+        };
+        Ok((outbox, entries))
+    }
+
+    /// Records `entry` (new, tried again, or done) durably.
+    fn record(&mut self, entry: &Outgoing) -> std::io::Result<()> {
+        if entry.done {
+            self.open.remove(&entry.key());
+        } else {
+            self.open.insert(entry.key(), entry.clone());
+        }
+        if self.lines >= COMPACT_LINES && self.lines >= 4 * self.open.len() {
+            let mut entries: Vec<Outgoing> = self.open.values().cloned().collect();
+            entries.sort_by_key(|e| e.first_at_ms);
+            self.file = rewrite(&self.path, &entries)?;
+            self.lines = entries.len();
+        } else {
+            let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            self.file.write_all(&line)?;
+            self.file.sync_data()?;
+            self.lines += 1;
+        }
+        gauge!(telemetry::WEBHOOKS_WAITING).set(self.open.len() as f64);
+        Ok(())
+    }
+}
+
+/// Writes `entries` aside, syncs, renames it over `path` and syncs the folder; returns the
+/// new file open for appending.
+fn rewrite(path: &Path, entries: &[Outgoing]) -> std::io::Result<File> {
+    let aside = path.with_extension("tmp");
+    let mut text = Vec::new();
+    for entry in entries {
+        text.extend(serde_json::to_vec(entry).map_err(std::io::Error::other)?);
+        text.push(b'\n');
+    }
+    let mut file = File::create(&aside)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
+    std::fs::rename(&aside, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    std::fs::OpenOptions::new().append(true).open(path)
 }
 
 #[derive(Clone)]
@@ -90,9 +227,14 @@ pub struct WebhookTarget {
 pub struct WebhookSender {
     client: reqwest::Client,
     targets: Arc<HashMap<String, WebhookTarget>>,
+    /// `None`: notifications are kept in memory only (a sender for no supplier).
+    outbox: Option<Arc<Mutex<Outbox>>>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl WebhookSender {
+    /// A sender that keeps its notifications in memory only: for a node, or a test, whose
+    /// suppliers have no webhook.
     pub fn new(targets: HashMap<String, WebhookTarget>) -> WebhookSender {
         WebhookSender {
             client: reqwest::Client::builder()
@@ -105,53 +247,140 @@ impl WebhookSender {
                 .build()
                 .expect("a plain HTTP client builds"),
             targets: Arc::new(targets),
+            outbox: None,
+            stop: tokio::sync::watch::channel(false).0,
         }
     }
 
-    /// Starts delivering the lead's new status to its supplier, if it has a webhook; returns
-    /// at once.
-    pub fn notify(&self, record: &LeadRecord) {
-        let Some(target) = self.targets.get(&record.supplier_id).cloned() else {
+    /// A sender whose notifications wait in the outbox file at `path` until delivered or given
+    /// up; starts delivering what an earlier run left there (inside a tokio runtime).
+    pub fn with_outbox(
+        targets: HashMap<String, WebhookTarget>,
+        path: &Path,
+    ) -> std::io::Result<WebhookSender> {
+        let (outbox, left) = Outbox::open(path)?;
+        gauge!(telemetry::WEBHOOKS_WAITING).set(left.len() as f64);
+        let sender = WebhookSender {
+            outbox: Some(Arc::new(Mutex::new(outbox))),
+            ..WebhookSender::new(targets)
+        };
+        if !left.is_empty() {
+            tracing::info!(notifications = left.len(), file = %path.display(), "webhooks not yet delivered found; delivering them");
+        }
+        for entry in left {
+            sender.deliver_in_background(entry);
+        }
+        Ok(sender)
+    }
+
+    /// Stops the deliveries in progress; what they had left stays in the outbox.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Records the lead's new status in the outbox for its supplier, if it has a webhook, and
+    /// starts delivering it; returns once it is recorded.
+    pub async fn notify(&self, record: &LeadRecord) {
+        if !self.targets.contains_key(&record.supplier_id) {
+            return;
+        }
+        let now = now_ms();
+        let entry = Outgoing {
+            lead_id: record.lead_id.clone(),
+            event: event_of(record).to_owned(),
+            supplier_id: record.supplier_id.clone(),
+            body: String::from_utf8(body(record)).expect("serde_json writes UTF-8"),
+            attempts: 0,
+            first_at_ms: now,
+            next_at_ms: now,
+            done: false,
+        };
+        self.save(&entry).await;
+        self.deliver_in_background(entry);
+    }
+
+    async fn save(&self, entry: &Outgoing) {
+        let Some(outbox) = self.outbox.clone() else {
             return;
         };
-        let body = body(record);
-        let signature = signature(&target.secret, &body);
-        let event = event_of(record);
-        let lead_id = record.lead_id.clone();
-        let client = self.client.clone();
+        let entry = entry.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            let mut outbox = outbox.lock().expect("webhook outbox");
+            outbox.record(&entry).map_err(|e| (outbox.path.clone(), e))
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err((path, e))) => {
+                tracing::error!(file = %path.display(), error = %e, "webhook outbox not written: this notification is not kept over a restart")
+            }
+            Err(e) => tracing::error!(error = %e, "webhook outbox write did not finish"),
+        }
+    }
+
+    fn deliver_in_background(&self, entry: Outgoing) {
+        let sender = self.clone();
+        let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
-            for attempt in 1..=MAX_ATTEMPTS {
-                let Some(wait) = retry_delay(attempt) else {
-                    break;
-                };
-                tokio::time::sleep(wait).await;
-                let sent = client
-                    .post(&target.url)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .header(SIGNATURE_HEADER, &signature)
-                    .header(EVENT_HEADER, event)
-                    .body(body.clone())
-                    .send()
-                    .await;
-                let delivered = matches!(&sent, Ok(r) if r.status().is_success());
-                if delivered {
-                    counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "delivered").increment(1);
-                    tracing::info!(lead_id = %lead_id, event, attempt, "webhook delivered");
-                    return;
-                }
-                let why = match sent {
-                    Ok(r) => format!("status {}", r.status().as_u16()),
-                    Err(e) => telemetry::error_chain(&e),
-                };
-                if attempt < MAX_ATTEMPTS {
-                    counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "retry").increment(1);
-                    tracing::info!(lead_id = %lead_id, event, attempt, why, "webhook failed, will retry");
-                } else {
-                    counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "failed").increment(1);
-                    tracing::warn!(lead_id = %lead_id, event, attempt, why, "webhook given up");
-                }
+            tokio::select! {
+                () = sender.deliver(entry) => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
             }
         });
+    }
+
+    /// Tries `entry` until it is delivered or given up, recording each try.
+    async fn deliver(&self, mut entry: Outgoing) {
+        loop {
+            let wait = entry.next_at_ms - now_ms();
+            if wait > 0 {
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            }
+            let Some(target) = self.targets.get(&entry.supplier_id) else {
+                counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "failed").increment(1);
+                tracing::warn!(lead_id = %entry.lead_id, event = %entry.event, supplier = %entry.supplier_id, "webhook given up: the supplier has no webhook_url any more");
+                entry.done = true;
+                return self.save(&entry).await;
+            };
+            entry.attempts += 1;
+            let sent = self
+                .client
+                .post(&target.url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(
+                    SIGNATURE_HEADER,
+                    signature(&target.secret, entry.body.as_bytes()),
+                )
+                .header(EVENT_HEADER, &entry.event)
+                .body(entry.body.clone())
+                .send()
+                .await;
+            let (lead_id, event, attempt) = (&entry.lead_id, &entry.event, entry.attempts);
+            if matches!(&sent, Ok(r) if r.status().is_success()) {
+                counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "delivered").increment(1);
+                tracing::info!(lead_id = %lead_id, event = %event, attempt, "webhook delivered");
+                entry.done = true;
+                return self.save(&entry).await;
+            }
+            let why = match sent {
+                Ok(r) => format!("status {}", r.status().as_u16()),
+                Err(e) => telemetry::error_chain(&e),
+            };
+            match next_try_ms(entry.first_at_ms, entry.attempts, now_ms()) {
+                Some(at) => {
+                    counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "retry").increment(1);
+                    tracing::info!(lead_id = %lead_id, event = %event, attempt, why, "webhook failed, will retry");
+                    entry.next_at_ms = at;
+                    self.save(&entry).await;
+                }
+                None => {
+                    counter!(telemetry::WEBHOOKS_TOTAL, "outcome" => "failed").increment(1);
+                    tracing::warn!(lead_id = %lead_id, event = %event, attempt, why, "webhook given up");
+                    entry.done = true;
+                    return self.save(&entry).await;
+                }
+            }
+        }
     }
 }
 
@@ -169,12 +398,106 @@ mod tests {
     }
 
     #[test]
-    fn retries_are_bounded_and_back_off() {
-        let waits: Vec<_> = (1..=7).map(retry_delay).collect();
-        assert_eq!(waits[0], Some(Duration::ZERO));
-        assert_eq!(waits[1], Some(Duration::from_secs(1)));
-        assert_eq!(waits[5], Some(Duration::from_secs(16)));
-        assert_eq!(waits[6], None);
+    fn retries_back_off_to_an_hour_and_end_a_day_after_the_first_try() {
+        let first = 1_000_000;
+        // Each wait counted from the end of the try before it.
+        let waits: Vec<i64> = (1..=14)
+            .map(|attempts| next_try_ms(first, attempts, first).unwrap() - first)
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600, 3600
+            ]
+            .map(|s| s * 1000)
+        );
+        assert_eq!(
+            next_try_ms(first, 40, first + 22 * 3_600_000),
+            Some(first + 23 * 3_600_000)
+        );
+        assert_eq!(
+            next_try_ms(first, 40, first + 23 * 3_600_000),
+            Some(first + 24 * 3_600_000)
+        );
+        assert_eq!(next_try_ms(first, 40, first + 23 * 3_600_000 + 1), None);
+    }
+
+    fn outgoing(lead: &str, attempts: u32, done: bool) -> Outgoing {
+        Outgoing {
+            lead_id: lead.into(),
+            event: "lead.sold".into(),
+            supplier_id: "s".into(),
+            body: format!("{{\"lead_id\":\"{lead}\"}}"),
+            attempts,
+            first_at_ms: 5,
+            next_at_ms: 5 + attempts as i64 * 1000,
+            done,
+        }
+    }
+
+    fn lines(entries: &[Outgoing]) -> String {
+        entries
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect()
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_last_line_of_each_notification_until_it_is_done() {
+        let mut text = lines(&[
+            outgoing("L1", 0, false),
+            outgoing("L2", 0, false),
+            outgoing("L1", 1, false),
+            outgoing("L3", 0, false),
+            outgoing("L2", 1, true),
+            outgoing("L1", 2, false),
+        ]);
+        // The same lead's other event is another notification.
+        let mut unsold = outgoing("L3", 0, false);
+        unsold.event = "lead.unsold".into();
+        text += &lines(&[unsold.clone()]);
+        // A line torn by a crash mid-append.
+        text += "{\"lead_id\":\"L4\",\"ev";
+        let (open, count) = fold_outbox(&text);
+        assert_eq!(count, 8);
+        assert_eq!(
+            open,
+            vec![outgoing("L1", 2, false), outgoing("L3", 0, false), unsold]
+        );
+    }
+
+    #[test]
+    fn the_outbox_file_survives_a_reopen_and_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested").join("webhooks.jsonl");
+        let (mut outbox, left) = Outbox::open(&path).unwrap();
+        assert!(left.is_empty());
+        for n in 0..COMPACT_LINES {
+            outbox
+                .record(&outgoing(&format!("L{n}"), 0, false))
+                .unwrap();
+            if n > 0 {
+                outbox
+                    .record(&outgoing(&format!("L{}", n - 1), 1, true))
+                    .unwrap();
+            }
+        }
+        // Past the threshold the file holds only what is still open.
+        assert!(outbox.lines < COMPACT_LINES, "{}", outbox.lines);
+        outbox.record(&outgoing("L1", 3, false)).unwrap();
+        drop(outbox);
+        let (reopened, left) = Outbox::open(&path).unwrap();
+        let mut ids: Vec<_> = left
+            .iter()
+            .map(|e| (e.lead_id.clone(), e.attempts))
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec![("L1".to_owned(), 3), (format!("L{}", COMPACT_LINES - 1), 0)]
+        );
+        assert_eq!(reopened.lines, 2);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 
     #[test]

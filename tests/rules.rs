@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use leadex::domain::{AuctionRules, FieldMap, Price};
 use leadex::sim::{Behaviour, BidSpec, BuyerSim};
 use leadex::storage::embedded::EmbeddedStore;
 use leadex::storage::{IdempotentAnswer, LeadRecord, LeadStatus, LeadStore, StorageError};
-use leadex::webhooks::WebhookSender;
+use leadex::webhooks::{WebhookSender, fold_outbox};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -894,6 +894,94 @@ async fn a_pending_lead_turns_unsold_after_its_ttl_and_the_webhook_is_retried() 
     let pings = buyer.stats.pings();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(buyer.stats.pings(), pings);
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_webhook_not_yet_delivered_at_a_stop_is_delivered_by_the_next_start() {
+    let buyer = sim("none", 0);
+    // Refuses every call (503) until `accepting` is set.
+    let accepting = Arc::new(AtomicBool::new(false));
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let (seen, open) = (calls.clone(), accepting.clone());
+    let addr = serve_loopback!(move || {
+        let (seen, open) = (seen.clone(), open.clone());
+        actix_web::App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let (seen, open) = (seen.clone(), open.clone());
+            async move {
+                let signature = req
+                    .headers()
+                    .get("x-leadex-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                seen.lock().unwrap().push((signature, body.to_vec()));
+                if open.load(Ordering::SeqCst) {
+                    HttpResponse::Ok().finish()
+                } else {
+                    HttpResponse::ServiceUnavailable().finish()
+                }
+            }
+        }))
+    });
+    let hook = Receiver {
+        url: format!("http://{addr}/hooks/leadex"),
+        calls,
+    };
+    let dir = data_dir();
+    let text = with_webhook(
+        config(
+            &dir,
+            "pending_ttl_secs = 1\nretry_interval_secs = 1",
+            &ping_buyer("never-bids", &buyer, ""),
+        ),
+        &hook.url,
+    );
+    let outbox = dir.join("webhooks.jsonl");
+
+    let app = TestApp::spawn(&text).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    assert_eq!(body["status"], "pending", "{body}");
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+    let status = wait_for_status(&app, &lead_id, "unsold", Duration::from_secs(10)).await;
+    assert_eq!(status["status"], "unsold", "{status}");
+    wait_for_calls(&hook, 1, Duration::from_secs(5)).await;
+    app.stop().await;
+    let refused = hook.calls.lock().unwrap().len();
+    assert!(refused >= 1, "tried before the stop");
+    let (waiting, _) = fold_outbox(&std::fs::read_to_string(&outbox).unwrap());
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert_eq!(waiting[0].lead_id, lead_id);
+    assert_eq!(waiting[0].event, "lead.unsold");
+    assert_eq!(waiting[0].attempts as usize, refused);
+
+    // The next start delivers it, signed, with the body of the first try.
+    accepting.store(true, Ordering::SeqCst);
+    let app = TestApp::spawn(&text).await;
+    wait_for_calls(&hook, refused + 1, Duration::from_secs(10)).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), refused + 1, "delivered once after the start");
+    assert_eq!(calls[refused].1, calls[0].1);
+    let event = verify(&calls[refused].0, &calls[refused].1);
+    assert_eq!(event["event"], "lead.unsold");
+    assert_eq!(event["lead_id"], lead_id.as_str());
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("leadex_webhooks_waiting 0"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("webhooks"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    app.stop().await;
+    let (waiting, _) = fold_outbox(&std::fs::read_to_string(&outbox).unwrap());
+    assert!(waiting.is_empty(), "{waiting:?}");
+
+    // Delivered is done: a third start sends nothing.
+    let app = TestApp::spawn(&text).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hook.calls.lock().unwrap().len(), refused + 1);
     app.stop().await;
 }
 

@@ -700,7 +700,7 @@ impl Shared {
             tracing::info!(status = outcome, price = record.price_cents, buyers = ?record.buyer_ids, "pending lead resolved");
             counter!(telemetry::PENDING_RESOLVED_TOTAL, "campaign" => self.settings.id.clone(), "outcome" => outcome)
                 .increment(1);
-            self.webhooks.notify(record);
+            self.webhooks.notify(record).await;
         }
     }
 }
