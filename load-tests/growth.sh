@@ -85,20 +85,6 @@ EOF
 }
 
 ticks_per_sec="$(getconf CLK_TCK)"
-# CPU ticks so far of leadex's HTTP workers, store writer, store applier and other threads.
-thread_ticks() {
-  cat /proc/"$1"/task/*/stat 2>/dev/null | awk '{
-      close_at = 0
-      for (i = length($0); i > 0; i--) if (substr($0, i, 1) == ")") { close_at = i; break }
-      comm = substr($0, index($0, "(") + 1, close_at - index($0, "(") - 1)
-      split(substr($0, close_at + 2), f, " ")
-      t = f[12] + f[13]
-      if (comm ~ /^actix-rt/) w += t
-      else if (comm == "leadex-store-wr") s += t
-      else if (comm == "leadex-store-ap") a += t
-      else o += t
-    } END {print w + 0, s + 0, a + 0, o + 0}'
-}
 
 leadex_pid=""
 serve() {

@@ -1,5 +1,5 @@
 # Shared by the load-test scripts (sourced, not run): the processes a script starts, waiting
-# for a port, and the parts of leadex's config every script writes.
+# for a port, the parts of leadex's config every script writes, and leadex's CPU by thread.
 
 pids=()
 
@@ -74,4 +74,21 @@ ping_url = "$3/ping"
 post_url = "$3/post"
 max_in_flight = $4
 EOF
+}
+
+# CPU ticks of a process's threads so far, summed by part: "workers writer applier other"
+# (leadex's HTTP workers, its store's writer and applier, every other thread).
+# The name (comm) can hold spaces, so fields are counted from the `)` that closes it.
+thread_ticks() {
+  cat /proc/"$1"/task/*/stat 2>/dev/null | awk '{
+      close_at = 0
+      for (i = length($0); i > 0; i--) if (substr($0, i, 1) == ")") { close_at = i; break }
+      comm = substr($0, index($0, "(") + 1, close_at - index($0, "(") - 1)
+      split(substr($0, close_at + 2), f, " ")
+      t = f[12] + f[13]
+      if (comm ~ /^actix-rt/) w += t
+      else if (comm == "leadex-store-wr") s += t
+      else if (comm == "leadex-store-ap") a += t
+      else o += t
+    } END {print w + 0, s + 0, a + 0, o + 0}'
 }

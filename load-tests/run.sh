@@ -176,21 +176,6 @@ switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n 
 machine_ticks() {
   awk '$1 == "cpu" {t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $5 + $6, $9; exit}' /proc/stat
 }
-# CPU ticks of a process's threads so far, summed by part: "workers writer applier other".
-# The name (comm) can hold spaces, so fields are counted from the `)` that closes it.
-thread_ticks() {
-  cat /proc/"$1"/task/*/stat 2>/dev/null | awk '{
-      close_at = 0
-      for (i = length($0); i > 0; i--) if (substr($0, i, 1) == ")") { close_at = i; break }
-      comm = substr($0, index($0, "(") + 1, close_at - index($0, "(") - 1)
-      split(substr($0, close_at + 2), f, " ")
-      t = f[12] + f[13]
-      if (comm ~ /^actix-rt/) w += t
-      else if (comm == "leadex-store-wr") s += t
-      else if (comm == "leadex-store-ap") a += t
-      else o += t
-    } END {print w + 0, s + 0, a + 0, o + 0}'
-}
 
 # One loadgen run; $1 label, $2 target port, $3 target pid, $4 category, then loadgen flags.
 # Also records the target's CPU time per lead answered (`cpu.tsv`), a figure the other

@@ -497,30 +497,42 @@ fn receiver(fail_first: usize) -> Receiver {
 /// As `receiver`, its first `fail_first` calls answered with a `307` to `redirect_to` when
 /// given.
 fn receiver_redirecting(fail_first: usize, redirect_to: Option<String>) -> Receiver {
+    receiver_answering(move |call| {
+        if call > fail_first {
+            return HttpResponse::Ok().finish();
+        }
+        match &redirect_to {
+            Some(to) => HttpResponse::TemporaryRedirect()
+                .insert_header(("location", to.clone()))
+                .finish(),
+            None => HttpResponse::InternalServerError().finish(),
+        }
+    })
+}
+
+/// A webhook endpoint that records every call (signature and body) and answers the n-th
+/// (1-based) with `answer(n)`.
+fn receiver_answering(
+    answer: impl Fn(usize) -> HttpResponse + Clone + Send + Sync + 'static,
+) -> Receiver {
     let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let seen = calls.clone();
     let addr = serve_loopback!(move || {
-        let (seen, redirect_to) = (seen.clone(), redirect_to.clone());
+        let (seen, answer) = (seen.clone(), answer.clone());
         actix_web::App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-            let (seen, redirect_to) = (seen.clone(), redirect_to.clone());
+            let (seen, answer) = (seen.clone(), answer.clone());
             async move {
                 let signature = req
                     .headers()
                     .get("x-leadex-signature")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let mut calls = seen.lock().unwrap();
-                calls.push((signature, body.to_vec()));
-                if calls.len() <= fail_first {
-                    match redirect_to {
-                        Some(to) => HttpResponse::TemporaryRedirect()
-                            .insert_header(("location", to))
-                            .finish(),
-                        None => HttpResponse::InternalServerError().finish(),
-                    }
-                } else {
-                    HttpResponse::Ok().finish()
-                }
+                let call = {
+                    let mut calls = seen.lock().unwrap();
+                    calls.push((signature, body.to_vec()));
+                    calls.len()
+                };
+                answer(call)
             }
         }))
     });
@@ -902,31 +914,14 @@ async fn a_webhook_not_yet_delivered_at_a_stop_is_delivered_by_the_next_start() 
     let buyer = sim("none", 0);
     // Refuses every call (503) until `accepting` is set.
     let accepting = Arc::new(AtomicBool::new(false));
-    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
-    let (seen, open) = (calls.clone(), accepting.clone());
-    let addr = serve_loopback!(move || {
-        let (seen, open) = (seen.clone(), open.clone());
-        actix_web::App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-            let (seen, open) = (seen.clone(), open.clone());
-            async move {
-                let signature = req
-                    .headers()
-                    .get("x-leadex-signature")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                seen.lock().unwrap().push((signature, body.to_vec()));
-                if open.load(Ordering::SeqCst) {
-                    HttpResponse::Ok().finish()
-                } else {
-                    HttpResponse::ServiceUnavailable().finish()
-                }
-            }
-        }))
+    let open = accepting.clone();
+    let hook = receiver_answering(move |_| {
+        if open.load(Ordering::SeqCst) {
+            HttpResponse::Ok().finish()
+        } else {
+            HttpResponse::ServiceUnavailable().finish()
+        }
     });
-    let hook = Receiver {
-        url: format!("http://{addr}/hooks/leadex"),
-        calls,
-    };
     let dir = data_dir();
     let text = with_webhook(
         config(
