@@ -696,24 +696,26 @@ impl LeadStore for HeldListing {
     }
 }
 
-/// The re-auction scheduler of a campaign on one node, over `store`, leasing through `coord`.
+/// The re-auction scheduler of a campaign on one node, over `store`, leasing through `coord`,
+/// with `buyer` as its one buyer.
 fn reauctioning_campaign(
     store: Arc<dyn LeadStore>,
     coord: Arc<MemoryCoordinator>,
     buyer: &BuyerSim,
+    buyer_id: &str,
 ) -> actix::Addr<CampaignActor> {
     let health = Arc::new(BuyerHealth::new(
-        "never-bids",
+        buyer_id,
         5,
         Duration::from_secs(30),
         Clock::system(),
     ));
     let actor = BuyerActor::new(BuyerSettings {
-        id: "never-bids".to_owned(),
+        id: buyer_id.to_owned(),
         ping_url: Some(buyer.url("/ping")),
         post_url: buyer.url("/post"),
         headers: Vec::new(),
-        max_in_flight: 16,
+        max_in_flight: 256,
         http2: false,
         ca_certs: Vec::new(),
         in_flight: Default::default(),
@@ -733,7 +735,7 @@ fn reauctioning_campaign(
             max_buyers: 1,
         },
         buyers: vec![CampaignBuyer {
-            id: "never-bids".to_owned(),
+            id: buyer_id.to_owned(),
             addr: actor.start(),
             fixed_price: None,
             floor: Price::ZERO,
@@ -761,6 +763,23 @@ fn reauctioning_campaign(
     .start()
 }
 
+/// A pending lead of `acme-auto` created two minutes before `now`, due a minute before it.
+fn due_pending(lead_id: &str, now: i64) -> LeadRecord {
+    LeadRecord {
+        lead_id: lead_id.to_owned(),
+        supplier_id: "sup-1".to_owned(),
+        seller: "ACME1234".to_owned(),
+        campaign_id: "acme-auto".to_owned(),
+        created_at_ms: now - 120_000,
+        status: LeadStatus::Pending,
+        price_cents: 0,
+        buyer_ids: Vec::new(),
+        fields: serde_json::from_value::<FieldMap>(lead()).unwrap(),
+        auction_log: Vec::new(),
+        next_retry_ms: Some(now - 60_000),
+    }
+}
+
 async fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
     let deadline = Instant::now() + within;
     while !done() {
@@ -775,22 +794,9 @@ async fn two_nodes_sharing_a_store_auction_a_due_lead_once_though_both_listed_it
     let dir = data_dir();
     let shared: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(&dir, 64).unwrap());
     let now = Clock::system().now_ms();
-    let fields: FieldMap = serde_json::from_value(lead()).unwrap();
     shared
         .insert_lead(
-            Arc::new(LeadRecord {
-                lead_id: "01KPENDING0000000000000001".to_owned(),
-                supplier_id: "sup-1".to_owned(),
-                seller: "ACME1234".to_owned(),
-                campaign_id: "acme-auto".to_owned(),
-                created_at_ms: now - 120_000,
-                status: LeadStatus::Pending,
-                price_cents: 0,
-                buyer_ids: Vec::new(),
-                fields,
-                auction_log: Vec::new(),
-                next_retry_ms: Some(now - 60_000),
-            }),
+            Arc::new(due_pending("01KPENDING0000000000000001", now)),
             None,
         )
         .await
@@ -801,8 +807,8 @@ async fn two_nodes_sharing_a_store_auction_a_due_lead_once_though_both_listed_it
         HeldListing::new(shared.clone()),
         HeldListing::new(shared.clone()),
     );
-    let _a = reauctioning_campaign(first.clone(), coord.clone(), &buyer);
-    let _b = reauctioning_campaign(second.clone(), coord.clone(), &buyer);
+    let _a = reauctioning_campaign(first.clone(), coord.clone(), &buyer, "never-bids");
+    let _b = reauctioning_campaign(second.clone(), coord.clone(), &buyer, "never-bids");
 
     // Both nodes list the lead as due before either auctions it.
     wait_until("both listings", Duration::from_secs(5), || {
@@ -848,6 +854,48 @@ async fn two_nodes_sharing_a_store_auction_a_due_lead_once_though_both_listed_it
         .unwrap();
     assert_eq!(after.auction_log, stored.auction_log);
     assert_eq!(after.next_retry_ms, stored.next_retry_ms);
+}
+
+#[actix_web::test]
+async fn a_backlog_of_due_leads_is_worked_through_in_one_tick() {
+    // Eight batches' worth of due leads; ticks come a second apart (a minute's retry
+    // interval), so a batch a tick would take eight seconds.
+    let buyer = sim("12", 0);
+    let store: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(&data_dir(), 64).unwrap());
+    let now = Clock::system().now_ms();
+    let ids: Vec<String> = (0..512).map(|n| format!("01KBACKLOG{n:016}")).collect();
+    for id in &ids {
+        store
+            .insert_lead(Arc::new(due_pending(id, now)), None)
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let _campaign = reauctioning_campaign(
+        store.clone(),
+        Arc::new(MemoryCoordinator::new(store.clone())),
+        &buyer,
+        "bids-12",
+    );
+    // The first tick comes after a second; it sells them all.
+    let deadline = started + Duration::from_millis(4500);
+    let mut sold = 0;
+    while Instant::now() < deadline {
+        sold = 0;
+        for id in &ids {
+            if store.get_lead(id).await.unwrap().unwrap().status == LeadStatus::Sold {
+                sold += 1;
+            }
+        }
+        if sold == ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sold, ids.len(), "sold within {:?}", started.elapsed());
+    // Each once: a lead is tried at most once a tick.
+    assert_eq!(buyer.stats.pings(), 512);
+    assert_eq!(buyer.stats.posts(), 512);
 }
 
 #[actix_web::test]

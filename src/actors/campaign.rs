@@ -28,8 +28,10 @@ use crate::storage::{AuctionEvent, LeadRecord, LeadStatus, LeadStore};
 use crate::telemetry;
 use crate::webhooks::WebhookSender;
 
-/// Pending leads taken per scheduler tick; the rest wait for the next tick.
+/// Pending leads listed and re-auctioned at once.
 const RETRY_BATCH: usize = 64;
+/// Batches one scheduler tick works through at most (while they come back full).
+const RETRY_BATCHES_PER_TICK: usize = 64;
 /// How long one re-auction may hold its lead before another node or tick may take it.
 const RETRY_LEASE_MS: i64 = 5 * 60 * 1000;
 /// How long a re-auction's lead stays leased while its sale waits in this node's spill.
@@ -551,7 +553,10 @@ impl Shared {
         Sale { sold, total, log }
     }
 
-    /// One scheduler tick: every pending lead now due is auctioned again or given up.
+    /// One scheduler tick: the pending leads now due are auctioned again or given up, a batch
+    /// at a time for as long as the listings come back full and each batch stores something,
+    /// so a backlog is worked through at once rather than a batch a tick. A lead is tried at
+    /// most once a tick.
     async fn retry_due(self: &Arc<Self>) {
         let Some(policy) = self.settings.pending else {
             return;
@@ -560,49 +565,65 @@ impl Shared {
         let Some(_running) = self.drain.enter() else {
             return;
         };
-        let now = self.clock.now_ms();
-        let due = match self
-            .store
-            .pending_due(&self.settings.id, now, RETRY_BATCH)
-            .await
-        {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::error!(campaign = %self.settings.id, error = %e, "pending leads could not be read");
+        let mut tried = HashSet::new();
+        for _ in 0..RETRY_BATCHES_PER_TICK {
+            let now = self.clock.now_ms();
+            let due = match self
+                .store
+                .pending_due(&self.settings.id, now, RETRY_BATCH)
+                .await
+            {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(campaign = %self.settings.id, error = %e, "pending leads could not be read");
+                    return;
+                }
+            };
+            let full = due.len() == RETRY_BATCH;
+            let retries = due
+                .into_iter()
+                .filter(|record| tried.insert(record.lead_id.clone()))
+                .filter_map(|record| {
+                    let fresh = self
+                        .retrying
+                        .lock()
+                        .expect("retrying")
+                        .insert(record.lead_id.clone());
+                    fresh.then(|| {
+                        let shared = self.clone();
+                        async move {
+                            let lead_id = record.lead_id.clone();
+                            let stored = shared.retry_one(record, policy).await;
+                            shared.retrying.lock().expect("retrying").remove(&lead_id);
+                            stored
+                        }
+                    })
+                });
+            let stored = join_all(retries).await.into_iter().filter(|s| *s).count();
+            // Past a partial batch nothing more is due; a batch that stored nothing (other
+            // nodes hold the leases, or storage refuses) would only list the same leads
+            // again; and a stop lets the batch that runs finish, not the next one.
+            if !full || stored == 0 || self.drain.enter().is_none() {
                 return;
             }
-        };
-        let retries = due.into_iter().filter_map(|record| {
-            let fresh = self
-                .retrying
-                .lock()
-                .expect("retrying")
-                .insert(record.lead_id.clone());
-            fresh.then(|| {
-                let shared = self.clone();
-                async move {
-                    let lead_id = record.lead_id.clone();
-                    shared.retry_one(record, policy).await;
-                    shared.retrying.lock().expect("retrying").remove(&lead_id);
-                }
-            })
-        });
-        join_all(retries).await;
+        }
     }
 
-    async fn retry_one(&self, mut record: LeadRecord, policy: PendingPolicy) {
+    /// Re-auctions `record` under its lease; `true` once the outcome is stored.
+    async fn retry_one(&self, mut record: LeadRecord, policy: PendingPolicy) -> bool {
         let lease = format!("retry/{}", record.lead_id);
         let now = self.clock.now_ms();
         match self.coord.lease(&lease, now, now + RETRY_LEASE_MS).await {
             Ok(true) => {}
-            Ok(false) => return,
+            Ok(false) => return false,
             Err(e) => {
                 tracing::error!(error = %e, "re-auction lease failed");
-                return;
+                return false;
             }
         }
         let span = tracing::info_span!("reauction", lead_id = %record.lead_id, campaign = %self.settings.id);
-        self.retry_leased(&mut record, policy)
+        let stored = self
+            .retry_leased(&mut record, policy)
             .instrument(span)
             .await;
         if self.store.held_locally(&record.lead_id).await {
@@ -624,24 +645,27 @@ impl Shared {
                     tracing::error!(lead_id = %record.lead_id, error = %e, "re-auction lease not extended while its sale waits in the spill")
                 }
             }
-            return;
+            return stored;
         }
         if let Err(e) = self.coord.end_lease(&lease).await {
             tracing::warn!(error = %e, "re-auction lease not ended");
         }
+        stored
     }
 
-    async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) {
+    /// `true` once the re-auction's outcome is stored; `false` when the lead was no longer
+    /// due or could not be read or stored.
+    async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) -> bool {
         let campaign = self.settings.id.clone();
         // The stored lead may have changed since it was listed: another node may have sold
         // it, or auctioned it and queued it for later, between the listing and the lease.
         let now = self.clock.now_ms();
         match self.store.get_lead(&record.lead_id).await {
             Ok(Some(current)) if current.due_at(now) => *record = current,
-            Ok(_) => return,
+            Ok(_) => return false,
             Err(e) => {
                 tracing::error!(error = %e, "pending lead could not be read");
-                return;
+                return false;
             }
         }
         let mut resolved = None;
@@ -683,13 +707,14 @@ impl Shared {
                 resolved = Some("sold");
             }
         }
-        self.store_retry(record, resolved).await;
+        self.store_retry(record, resolved).await
     }
 
-    async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) {
+    /// Stores a re-auction's outcome; `true` once stored.
+    async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) -> bool {
         if let Err(e) = self.store.update_lead(record.clone()).await {
             tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
-            return;
+            return false;
         }
         if let Some(outcome) = resolved {
             if record.status == LeadStatus::Sold {
@@ -702,5 +727,6 @@ impl Shared {
                 .increment(1);
             self.webhooks.notify(record).await;
         }
+        true
     }
 }
