@@ -89,6 +89,7 @@ pub struct RedisCoordinator {
     release: Script,
     claim: Script,
     end_lease: Script,
+    extend_lease: Script,
     key_prefix: String,
     timeout: Duration,
     /// `host:port` for logs (never the URL: it may hold a password).
@@ -108,6 +109,7 @@ impl RedisCoordinator {
             release: Script::new(RELEASE_SCRIPT),
             claim: Script::new(CLAIM_SCRIPT),
             end_lease: Script::new(END_LEASE_SCRIPT),
+            extend_lease: Script::new(EXTEND_LEASE_SCRIPT),
             key_prefix: settings.key_prefix,
             timeout: settings.timeout,
             endpoint,
@@ -295,8 +297,7 @@ impl Coordinator for RedisCoordinator {
         now_ms: i64,
         expires_at_ms: i64,
     ) -> Result<bool, CoordError> {
-        let script = Script::new(EXTEND_LEASE_SCRIPT);
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = self.extend_lease.prepare_invoke();
         invocation
             .key(self.key(key))
             .arg(&self.node_tag)
