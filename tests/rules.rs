@@ -20,7 +20,7 @@ use leadex::actors::{
 };
 use leadex::buyers::ReplyMapping;
 use leadex::clock::Clock;
-use leadex::coord::MemoryCoordinator;
+use leadex::coord::{Coordinator, MemoryCoordinator};
 use leadex::domain::campaign::{BuyerRules, PendingPolicy};
 use leadex::domain::{AuctionRules, FieldMap, Price};
 use leadex::sim::{Behaviour, BidSpec, BuyerSim};
@@ -650,13 +650,17 @@ impl LeadStore for HeldListing {
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
         self.inner.update_lead(record).await
     }
-    async fn pending_due(
+    async fn pending_due_after(
         &self,
         campaign_id: &str,
         due_ms: i64,
+        after: Option<(i64, &str)>,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
-        let due = self.inner.pending_due(campaign_id, due_ms, limit).await;
+        let due = self
+            .inner
+            .pending_due_after(campaign_id, due_ms, after, limit)
+            .await;
         if self.listings.fetch_add(1, Ordering::SeqCst) == 0 {
             *self.listed.lock().unwrap() = Some(due.as_ref().map_or(0, Vec::len));
             self.gate.acquire().await.expect("gate").forget();
@@ -896,6 +900,50 @@ async fn a_backlog_of_due_leads_is_worked_through_in_one_tick() {
     // Each once: a lead is tried at most once a tick.
     assert_eq!(buyer.stats.pings(), 512);
     assert_eq!(buyer.stats.posts(), 512);
+}
+
+#[actix_web::test]
+async fn leases_another_node_holds_on_the_earliest_due_leads_do_not_hold_up_the_rest() {
+    // A node that died mid-tick leaves its leases on the 64 earliest due leads until they
+    // expire (five minutes); the 36 due after them are this node's to auction meanwhile.
+    let buyer = sim("12", 0);
+    let store: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(&data_dir(), 64).unwrap());
+    let coord = Arc::new(MemoryCoordinator::new(store.clone()));
+    let now = Clock::system().now_ms();
+    let ids: Vec<String> = (0..100).map(|n| format!("01KLEASED{n:017}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let mut record = due_pending(id, now);
+        // Due one after the other: the leased ones are the earliest.
+        record.next_retry_ms = Some(now - 60_000 + n as i64);
+        store.insert_lead(Arc::new(record), None).await.unwrap();
+    }
+    for id in &ids[..64] {
+        assert!(
+            coord
+                .lease(&format!("retry/{id}"), now, now + 10 * 60_000)
+                .await
+                .unwrap()
+        );
+    }
+    let started = Instant::now();
+    let _campaign = reauctioning_campaign(store.clone(), coord.clone(), &buyer, "bids-12");
+    let deadline = started + Duration::from_millis(4500);
+    let mut sold = Vec::new();
+    while Instant::now() < deadline {
+        sold.clear();
+        for id in &ids {
+            if store.get_lead(id).await.unwrap().unwrap().status == LeadStatus::Sold {
+                sold.push(id.clone());
+            }
+        }
+        if sold.len() >= 36 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sold, ids[64..], "sold within {:?}", started.elapsed());
+    assert_eq!(buyer.stats.pings(), 36);
+    assert_eq!(buyer.stats.posts(), 36);
 }
 
 #[actix_web::test]

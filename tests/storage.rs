@@ -549,6 +549,46 @@ mod cases {
             .unwrap();
         assert_eq!(ids(&due), ids(&[c.clone(), a.clone()]), "at most `limit`");
 
+        // Paged, each page after the last lead of the page before: the same leads in the same
+        // order, across hours, with leads due at the same time ordered by id.
+        let paged_campaign = format!("paged-{t}");
+        let mut same_due: Vec<LeadRecord> = (0..3)
+            .map(|n| pending(&supplier, &paged_campaign, t0 - 900 + n, t0 + 700))
+            .collect();
+        same_due.sort_by(|x, y| x.lead_id.cmp(&y.lead_id));
+        let later = pending(&supplier, &paged_campaign, t0 - 800, t0 + 2 * HOUR);
+        for r in same_due.iter().chain([&later]) {
+            store.insert_lead(Arc::new(r.clone()), None).await.unwrap();
+        }
+        for (campaign, expected) in [
+            (&campaign, vec![c.clone(), a.clone(), b.clone()]),
+            (
+                &paged_campaign,
+                [same_due.clone(), vec![later.clone()]].concat(),
+            ),
+        ] {
+            for limit in [1, 2] {
+                let mut paged = Vec::new();
+                let mut after: Option<(i64, String)> = None;
+                for _ in 0..8 {
+                    let cursor = after.as_ref().map(|(due, id)| (*due, id.as_str()));
+                    let page = store
+                        .pending_due_after(campaign, t0 + 3 * HOUR, cursor, limit)
+                        .await
+                        .unwrap();
+                    assert!(page.len() <= limit);
+                    let Some(last) = page.last() else { break };
+                    after = Some((last.next_retry_ms.unwrap(), last.lead_id.clone()));
+                    paged.extend(page);
+                }
+                assert_eq!(
+                    ids(&paged),
+                    ids(&expected),
+                    "pages of {limit} in {campaign}"
+                );
+            }
+        }
+
         // A re-auction that failed again moves the lead later in the queue.
         let a_later = LeadRecord {
             next_retry_ms: Some(t0 + 5 * HOUR),

@@ -34,6 +34,17 @@ const RETRY_BATCH: usize = 64;
 const RETRY_BATCHES_PER_TICK: usize = 64;
 /// How long one re-auction may hold its lead before another node or tick may take it.
 const RETRY_LEASE_MS: i64 = 5 * 60 * 1000;
+
+/// What became of one due lead in a scheduler tick.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Retry {
+    /// Its outcome is stored (sold, unsold, or due again later).
+    Stored,
+    /// Left alone: another node holds its lease, or it is no longer due.
+    Passed,
+    /// Storage or the lease backend failed; it stays due.
+    Failed,
+}
 /// How long a re-auction's lead stays leased while its sale waits in this node's spill.
 const SPILLED_LEASE_MS: i64 = 24 * 60 * 60 * 1000;
 
@@ -554,9 +565,11 @@ impl Shared {
     }
 
     /// One scheduler tick: the pending leads now due are auctioned again or given up, a batch
-    /// at a time for as long as the listings come back full and each batch stores something,
-    /// so a backlog is worked through at once rather than a batch a tick. A lead is tried at
-    /// most once a tick.
+    /// at a time, each batch listing the due leads after the last one listed before, for as
+    /// long as the listings come back full; so a backlog is worked through at once rather than
+    /// a batch a tick, and leads whose leases other nodes hold (working on them, or dead with
+    /// the lease not yet expired) are passed over rather than holding up the rest. A lead is
+    /// tried at most once a tick.
     async fn retry_due(self: &Arc<Self>) {
         let Some(policy) = self.settings.pending else {
             return;
@@ -566,11 +579,13 @@ impl Shared {
             return;
         };
         let mut tried = HashSet::new();
+        let mut after: Option<(i64, String)> = None;
         for _ in 0..RETRY_BATCHES_PER_TICK {
             let now = self.clock.now_ms();
+            let cursor = after.as_ref().map(|(due, id)| (*due, id.as_str()));
             let due = match self
                 .store
-                .pending_due(&self.settings.id, now, RETRY_BATCH)
+                .pending_due_after(&self.settings.id, now, cursor, RETRY_BATCH)
                 .await
             {
                 Ok(due) => due,
@@ -580,6 +595,9 @@ impl Shared {
                 }
             };
             let full = due.len() == RETRY_BATCH;
+            after = due
+                .last()
+                .and_then(|last| Some((last.next_retry_ms?, last.lead_id.clone())));
             let retries = due
                 .into_iter()
                 .filter(|record| tried.insert(record.lead_id.clone()))
@@ -593,36 +611,38 @@ impl Shared {
                         let shared = self.clone();
                         async move {
                             let lead_id = record.lead_id.clone();
-                            let stored = shared.retry_one(record, policy).await;
+                            let outcome = shared.retry_one(record, policy).await;
                             shared.retrying.lock().expect("retrying").remove(&lead_id);
-                            stored
+                            outcome
                         }
                     })
                 });
-            let stored = join_all(retries).await.into_iter().filter(|s| *s).count();
-            // Past a partial batch nothing more is due; a batch that stored nothing (other
-            // nodes hold the leases, or storage refuses) would only list the same leads
-            // again; and a stop lets the batch that runs finish, not the next one.
-            if !full || stored == 0 || self.drain.enter().is_none() {
+            let outcomes = join_all(retries).await;
+            let stored = outcomes.iter().filter(|o| **o == Retry::Stored).count();
+            let failed = outcomes.contains(&Retry::Failed);
+            // Past a partial batch nothing more is due; a batch where storage or the lease
+            // backend failed and nothing was stored ends the tick, as the next would fare no
+            // better; and a stop lets the batch that runs finish, not the next one.
+            if !full || after.is_none() || (failed && stored == 0) || self.drain.enter().is_none() {
                 return;
             }
         }
     }
 
-    /// Re-auctions `record` under its lease; `true` once the outcome is stored.
-    async fn retry_one(&self, mut record: LeadRecord, policy: PendingPolicy) -> bool {
+    /// Re-auctions `record` under its lease.
+    async fn retry_one(&self, mut record: LeadRecord, policy: PendingPolicy) -> Retry {
         let lease = format!("retry/{}", record.lead_id);
         let now = self.clock.now_ms();
         match self.coord.lease(&lease, now, now + RETRY_LEASE_MS).await {
             Ok(true) => {}
-            Ok(false) => return false,
+            Ok(false) => return Retry::Passed,
             Err(e) => {
                 tracing::error!(error = %e, "re-auction lease failed");
-                return false;
+                return Retry::Failed;
             }
         }
         let span = tracing::info_span!("reauction", lead_id = %record.lead_id, campaign = %self.settings.id);
-        let stored = self
+        let outcome = self
             .retry_leased(&mut record, policy)
             .instrument(span)
             .await;
@@ -645,27 +665,26 @@ impl Shared {
                     tracing::error!(lead_id = %record.lead_id, error = %e, "re-auction lease not extended while its sale waits in the spill")
                 }
             }
-            return stored;
+            return outcome;
         }
         if let Err(e) = self.coord.end_lease(&lease).await {
             tracing::warn!(error = %e, "re-auction lease not ended");
         }
-        stored
+        outcome
     }
 
-    /// `true` once the re-auction's outcome is stored; `false` when the lead was no longer
-    /// due or could not be read or stored.
-    async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) -> bool {
+    /// Re-auctions a leased lead, if it is still due.
+    async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) -> Retry {
         let campaign = self.settings.id.clone();
         // The stored lead may have changed since it was listed: another node may have sold
         // it, or auctioned it and queued it for later, between the listing and the lease.
         let now = self.clock.now_ms();
         match self.store.get_lead(&record.lead_id).await {
             Ok(Some(current)) if current.due_at(now) => *record = current,
-            Ok(_) => return false,
+            Ok(_) => return Retry::Passed,
             Err(e) => {
                 tracing::error!(error = %e, "pending lead could not be read");
-                return false;
+                return Retry::Failed;
             }
         }
         let mut resolved = None;
@@ -710,11 +729,11 @@ impl Shared {
         self.store_retry(record, resolved).await
     }
 
-    /// Stores a re-auction's outcome; `true` once stored.
-    async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) -> bool {
+    /// Stores a re-auction's outcome.
+    async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) -> Retry {
         if let Err(e) = self.store.update_lead(record.clone()).await {
             tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
-            return false;
+            return Retry::Failed;
         }
         if let Some(outcome) = resolved {
             if record.status == LeadStatus::Sold {
@@ -727,6 +746,6 @@ impl Shared {
                 .increment(1);
             self.webhooks.notify(record).await;
         }
-        true
+        Retry::Stored
     }
 }

@@ -1180,15 +1180,20 @@ impl LeadStore for EmbeddedStore {
         self.write(WriteOp::Update(Arc::new(record))).await
     }
 
-    async fn pending_due(
+    async fn pending_due_after(
         &self,
         campaign_id: &str,
         due_ms: i64,
+        after: Option<(i64, &str)>,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
+        use std::ops::Bound;
         let db = self.db()?;
-        let start = format!("{campaign_id}{SEP}");
-        let end = pending_key(campaign_id, due_ms, "\u{7f}");
+        let start = match after {
+            Some((due, lead_id)) => Bound::Excluded(pending_key(campaign_id, due, lead_id)),
+            None => Bound::Included(format!("{campaign_id}{SEP}")),
+        };
+        let end = Bound::Excluded(pending_key(campaign_id, due_ms, "\u{7f}"));
         let mut found = BTreeMap::new();
         let (_txn, leads) = {
             let overlay = self.overlay();
@@ -1196,7 +1201,7 @@ impl LeadStore for EmbeddedStore {
             let queue = txn.open_table(PENDING).map_err(backend)?;
             let leads = txn.open_table(LEADS).map_err(backend)?;
             // A key of the overlay counts while its lead's newest version is due then.
-            for (key, _) in overlay.pending.range(start.clone()..end.clone()) {
+            for (key, _) in overlay.pending.range((start.clone(), end.clone())) {
                 if let Some(record) = overlay.lead(lead_of(key))
                     && record
                         .next_retry_ms
@@ -1212,7 +1217,11 @@ impl LeadStore for EmbeddedStore {
             }
             // A lead of the overlay is settled above; redb's keys of other leads are current.
             let mut from_table = 0;
-            for entry in queue.range(start.as_str()..end.as_str()).map_err(backend)? {
+            let range = (
+                start.as_ref().map(String::as_str),
+                end.as_ref().map(String::as_str),
+            );
+            for entry in queue.range::<&str>(range).map_err(backend)? {
                 if from_table >= limit {
                     break;
                 }

@@ -143,6 +143,19 @@ pub trait LeadStore: Send + Sync + 'static {
         campaign_id: &str,
         due_ms: i64,
         limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        self.pending_due_after(campaign_id, due_ms, None, limit)
+            .await
+    }
+
+    /// As `pending_due`, only the leads that come after `after` in that order (its due time
+    /// and lead id: the last lead of the page before), so a caller can page through them.
+    async fn pending_due_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError>;
 
     /// Durably stores a small named value (counters, breaker state) next to the leads.

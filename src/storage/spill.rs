@@ -298,10 +298,11 @@ impl LeadStore for SpillingStore {
         }
     }
 
-    async fn pending_due(
+    async fn pending_due_after(
         &self,
         campaign_id: &str,
         due_ms: i64,
+        after: Option<(i64, &str)>,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
         let spilled = self.spilled().await;
@@ -309,7 +310,7 @@ impl LeadStore for SpillingStore {
         // asked for, so they cannot fill every tick's list while due leads wait behind them.
         let mut due = self
             .inner
-            .pending_due(campaign_id, due_ms, limit.saturating_add(spilled))
+            .pending_due_after(campaign_id, due_ms, after, limit.saturating_add(spilled))
             .await?;
         if spilled > 0 {
             let spill = self.spill.lock().await;
@@ -426,13 +427,16 @@ mod tests {
             self.refuse()?;
             self.inner.update_lead(record).await
         }
-        async fn pending_due(
+        async fn pending_due_after(
             &self,
             campaign_id: &str,
             due_ms: i64,
+            after: Option<(i64, &str)>,
             limit: usize,
         ) -> Result<Vec<LeadRecord>, StorageError> {
-            self.inner.pending_due(campaign_id, due_ms, limit).await
+            self.inner
+                .pending_due_after(campaign_id, due_ms, after, limit)
+                .await
         }
         async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
             self.inner.put_state(key, value).await

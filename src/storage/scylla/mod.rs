@@ -576,21 +576,23 @@ impl LeadStore for ScyllaStore {
         c.write(parts).await
     }
 
-    async fn pending_due(
+    async fn pending_due_after(
         &self,
         campaign_id: &str,
         due_ms: i64,
+        after: Option<(i64, &str)>,
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
         let c = self.connected()?;
         let s = &c.statements;
         let last_bucket = pending_bucket(due_ms);
+        let first_bucket = after.map_or(i64::MIN, |(due, _)| pending_bucket(due));
         let mut buckets: Vec<i64> = c
             .all_rows::<(i64,)>(&s.select_pending_buckets, (campaign_id,))
             .await?
             .into_iter()
             .map(|(b,)| b)
-            .filter(|b| *b <= last_bucket)
+            .filter(|b| (first_bucket..=last_bucket).contains(b))
             .collect();
         buckets.sort_unstable();
         buckets.dedup();
@@ -611,7 +613,10 @@ impl LeadStore for ScyllaStore {
                     .map_err(backend)?;
                 continue;
             }
-            entries.retain(|e| e.due_ms <= due_ms);
+            entries.retain(|e| {
+                e.due_ms <= due_ms
+                    && after.is_none_or(|(due, id)| (e.due_ms, e.lead_id.as_str()) > (due, id))
+            });
             entries.sort_by(|a, b| (a.due_ms, &a.lead_id).cmp(&(b.due_ms, &b.lead_id)));
             let wanted: Vec<(i64, String)> =
                 entries.into_iter().map(|e| (e.due_ms, e.lead_id)).collect();
