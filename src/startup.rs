@@ -119,7 +119,9 @@ impl Application {
                 })
                 .collect(),
             &config.storage.path.join("webhooks.jsonl"),
+            store.clone(),
         )
+        .await
         .map_err(|e| StartupError::Invalid(format!("webhook outbox: {e}")))?;
 
         let services = CampaignServices {

@@ -3,10 +3,13 @@
 //! body>`. Body, signature and retry schedule are pure; `WebhookSender` does the I/O.
 //!
 //! A notification is written to the node's outbox file (`webhooks.jsonl` in the storage
-//! folder, synced) before its first try, and each try's result after it, so one not yet
-//! delivered when the process stops or crashes is tried again by the next start. Delivery is
-//! at least once: a crash between a delivery and its record repeats it, and a supplier tells
-//! repeats apart by `lead_id` and `event`.
+//! folder, synced) before the lead's new status is stored (`prepare`), and each try's result
+//! after it, so one not yet delivered when the process stops or crashes is tried again by the
+//! next start. A crash between the outbox line and the status leaves a notification of a
+//! status that may never have been stored: the next start reads the lead of every notification
+//! not yet tried and sends it only if the lead's stored status is the one it announces.
+//! Delivery is at least once: a crash between a delivery and its record repeats it, and a
+//! supplier tells repeats apart by `lead_id` and `event`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,7 +27,7 @@ use crate::buyers::WirePrice;
 use crate::clock::now_ms;
 use crate::domain::Price;
 use crate::http::dto::rfc3339_ms;
-use crate::storage::{LeadRecord, LeadStatus};
+use crate::storage::{LeadRecord, LeadStatus, LeadStore};
 use crate::telemetry;
 
 pub const SIGNATURE_HEADER: &str = "x-leadex-signature";
@@ -229,8 +232,15 @@ pub struct WebhookSender {
     targets: Arc<HashMap<String, WebhookTarget>>,
     /// `None`: notifications are kept in memory only (a sender for no supplier).
     outbox: Option<Arc<Mutex<Outbox>>>,
+    /// Where a notification an earlier run left untried is checked against its lead.
+    store: Option<Arc<dyn LeadStore>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
+
+/// A notification recorded in the outbox before its lead's new status is stored: `confirm`
+/// it once the status is stored, `cancel` it if it was not.
+#[must_use = "a prepared notification is confirmed or cancelled"]
+pub struct Prepared(Outgoing);
 
 impl WebhookSender {
     /// A sender that keeps its notifications in memory only: for a node, or a test, whose
@@ -248,29 +258,57 @@ impl WebhookSender {
                 .expect("a plain HTTP client builds"),
             targets: Arc::new(targets),
             outbox: None,
+            store: None,
             stop: tokio::sync::watch::channel(false).0,
         }
     }
 
     /// A sender whose notifications wait in the outbox file at `path` until delivered or given
-    /// up; starts delivering what an earlier run left there (inside a tokio runtime).
-    pub fn with_outbox(
+    /// up; starts delivering what an earlier run left there (inside a tokio runtime), once
+    /// `store` shows that the status each one announces was stored.
+    pub async fn with_outbox(
         targets: HashMap<String, WebhookTarget>,
         path: &Path,
+        store: Arc<dyn LeadStore>,
     ) -> std::io::Result<WebhookSender> {
         let (outbox, left) = Outbox::open(path)?;
         gauge!(telemetry::WEBHOOKS_WAITING).set(left.len() as f64);
         let sender = WebhookSender {
             outbox: Some(Arc::new(Mutex::new(outbox))),
+            store: Some(store),
             ..WebhookSender::new(targets)
         };
         if !left.is_empty() {
             tracing::info!(notifications = left.len(), file = %path.display(), "webhooks not yet delivered found; delivering them");
         }
         for entry in left {
+            // A notification already tried was confirmed; one never tried may not have been.
+            if entry.attempts == 0 && !sender.status_stored(&entry).await.unwrap_or(true) {
+                sender.drop_unstored(entry).await;
+                continue;
+            }
             sender.deliver_in_background(entry);
         }
         Ok(sender)
+    }
+
+    /// Whether the stored lead of `entry` has the status it announces; an error when the
+    /// lead cannot be read.
+    async fn status_stored(&self, entry: &Outgoing) -> Result<bool, crate::storage::StorageError> {
+        let Some(store) = &self.store else {
+            return Ok(true);
+        };
+        let lead = store.get_lead(&entry.lead_id).await?;
+        Ok(lead.is_some_and(|lead| {
+            lead.status != LeadStatus::Pending && event_of(&lead) == entry.event
+        }))
+    }
+
+    /// Ends a notification whose status was never stored (a crash came between the two).
+    async fn drop_unstored(&self, mut entry: Outgoing) {
+        tracing::warn!(lead_id = %entry.lead_id, event = %entry.event, "webhook not sent: the status it announces was never stored");
+        entry.done = true;
+        self.save(&entry).await;
     }
 
     /// Stops the deliveries in progress; what they had left stays in the outbox.
@@ -278,11 +316,12 @@ impl WebhookSender {
         self.stop.send_replace(true);
     }
 
-    /// Records the lead's new status in the outbox for its supplier, if it has a webhook, and
-    /// starts delivering it; returns once it is recorded.
-    pub async fn notify(&self, record: &LeadRecord) {
+    /// Records the lead's new status in the outbox for its supplier, if it has a webhook;
+    /// returns once it is recorded. Called before the status is stored, so a crash between
+    /// the two cannot lose the notification.
+    pub async fn prepare(&self, record: &LeadRecord) -> Option<Prepared> {
         if !self.targets.contains_key(&record.supplier_id) {
-            return;
+            return None;
         }
         let now = now_ms();
         let entry = Outgoing {
@@ -296,7 +335,19 @@ impl WebhookSender {
             done: false,
         };
         self.save(&entry).await;
-        self.deliver_in_background(entry);
+        Some(Prepared(entry))
+    }
+
+    /// The status is stored: delivery starts.
+    pub fn confirm(&self, prepared: Prepared) {
+        self.deliver_in_background(prepared.0);
+    }
+
+    /// The status was not stored: the notification is ended unsent.
+    pub async fn cancel(&self, prepared: Prepared) {
+        let mut entry = prepared.0;
+        entry.done = true;
+        self.save(&entry).await;
     }
 
     async fn save(&self, entry: &Outgoing) {
@@ -329,8 +380,30 @@ impl WebhookSender {
         });
     }
 
-    /// Tries `entry` until it is delivered or given up, recording each try.
+    /// Tries `entry` until it is delivered or given up, recording each try. One never tried is
+    /// first checked against its stored lead (a read that fails is tried again on the retry
+    /// schedule).
     async fn deliver(&self, mut entry: Outgoing) {
+        if entry.attempts == 0 && self.store.is_some() {
+            let mut checks = 0;
+            loop {
+                match self.status_stored(&entry).await {
+                    Ok(true) => break,
+                    Ok(false) => return self.drop_unstored(entry).await,
+                    Err(e) => {
+                        checks += 1;
+                        let Some(at) = next_try_ms(entry.first_at_ms, checks, now_ms()) else {
+                            tracing::warn!(lead_id = %entry.lead_id, event = %entry.event, error = %e, "webhook given up: its lead could not be read");
+                            entry.done = true;
+                            return self.save(&entry).await;
+                        };
+                        tracing::warn!(lead_id = %entry.lead_id, error = %e, "webhook waits: its lead could not be read");
+                        tokio::time::sleep(Duration::from_millis((at - now_ms()).max(0) as u64))
+                            .await;
+                    }
+                }
+            }
+        }
         loop {
             let wait = entry.next_at_ms - now_ms();
             if wait > 0 {

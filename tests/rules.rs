@@ -26,7 +26,7 @@ use leadex::domain::{AuctionRules, FieldMap, Price};
 use leadex::sim::{Behaviour, BidSpec, BuyerSim};
 use leadex::storage::embedded::EmbeddedStore;
 use leadex::storage::{IdempotentAnswer, LeadRecord, LeadStatus, LeadStore, StorageError};
-use leadex::webhooks::{WebhookSender, fold_outbox};
+use leadex::webhooks::{Outgoing, WebhookSender, body as webhook_body, event_of, fold_outbox};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -1074,6 +1074,78 @@ async fn a_webhook_not_yet_delivered_at_a_stop_is_delivered_by_the_next_start() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(hook.calls.lock().unwrap().len(), refused + 1);
     app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_notification_recorded_before_a_crash_is_sent_only_if_its_status_was_stored() {
+    // Two pending leads; then, as a crash would leave them, each with a notification in the
+    // outbox and not yet tried, one whose unsold status was stored and one whose was not.
+    let buyer = sim("none", 0);
+    let hook = receiver(0);
+    let dir = data_dir();
+    let text = with_webhook(
+        config(
+            &dir,
+            "pending_ttl_secs = 3600\nretry_interval_secs = 3600",
+            &ping_buyer("never-bids", &buyer, ""),
+        ),
+        &hook.url,
+    );
+    let app = TestApp::spawn(&text).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_, body) = app.post_lead(&lead()).await;
+        assert_eq!(body["status"], "pending", "{body}");
+        ids.push(body["lead_id"].as_str().unwrap().to_owned());
+    }
+    app.stop().await;
+
+    let store = EmbeddedStore::open(&dir, 64).unwrap();
+    let mut outbox = String::new();
+    for (n, id) in ids.iter().enumerate() {
+        let mut record = store.get_lead(id).await.unwrap().unwrap();
+        record.status = LeadStatus::Unsold;
+        record.next_retry_ms = None;
+        let now = Clock::system().now_ms();
+        let entry = Outgoing {
+            lead_id: id.clone(),
+            event: event_of(&record).to_owned(),
+            supplier_id: record.supplier_id.clone(),
+            body: String::from_utf8(webhook_body(&record)).unwrap(),
+            attempts: 0,
+            first_at_ms: now,
+            next_at_ms: now,
+            done: false,
+        };
+        outbox.push_str(&serde_json::to_string(&entry).unwrap());
+        outbox.push('\n');
+        if n == 0 {
+            store.update_lead(record).await.unwrap();
+        }
+    }
+    store.close().await.unwrap();
+    std::fs::write(dir.join("webhooks.jsonl"), outbox).unwrap();
+
+    let app = TestApp::spawn(&text).await;
+    wait_for_calls(&hook, 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        1,
+        "only the notification whose status was stored"
+    );
+    let event = verify(&calls[0].0, &calls[0].1);
+    assert_eq!(event["lead_id"], ids[0].as_str());
+    assert_eq!(event["event"], "lead.unsold");
+    let (_, second) = app.get_lead(KEY, &ids[1]).await;
+    assert_eq!(second["status"], "pending", "{second}");
+    app.stop().await;
+    let (waiting, _) = fold_outbox(&std::fs::read_to_string(dir.join("webhooks.jsonl")).unwrap());
+    assert!(
+        waiting.is_empty(),
+        "the other one is ended, not kept: {waiting:?}"
+    );
 }
 
 /// A buyer with its own API: answers pings and posts with fixed JSON, records posts.

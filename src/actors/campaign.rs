@@ -729,10 +729,18 @@ impl Shared {
         self.store_retry(record, resolved).await
     }
 
-    /// Stores a re-auction's outcome.
+    /// Stores a re-auction's outcome; a supplier's notification of it is recorded first, so
+    /// a crash once it is stored cannot lose the notification.
     async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) -> Retry {
+        let notice = match resolved {
+            Some(_) => self.webhooks.prepare(record).await,
+            None => None,
+        };
         if let Err(e) = self.store.update_lead(record.clone()).await {
             tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
+            if let Some(notice) = notice {
+                self.webhooks.cancel(notice).await;
+            }
             return Retry::Failed;
         }
         if let Some(outcome) = resolved {
@@ -744,7 +752,9 @@ impl Shared {
             tracing::info!(status = outcome, price = record.price_cents, buyers = ?record.buyer_ids, "pending lead resolved");
             counter!(telemetry::PENDING_RESOLVED_TOTAL, "campaign" => self.settings.id.clone(), "outcome" => outcome)
                 .increment(1);
-            self.webhooks.notify(record).await;
+        }
+        if let Some(notice) = notice {
+            self.webhooks.confirm(notice);
         }
         Retry::Stored
     }
