@@ -444,6 +444,33 @@ mod cases {
                 "round {round}"
             );
         }
+
+        // The same, saying how much of the log is stored already (as re-auctions do).
+        for round in 0..3 {
+            let stored = growing.auction_log.len();
+            growing
+                .auction_log
+                .extend((0..60).map(|i| event(600 + round * 60 + i)));
+            store
+                .update_lead_appended(growing.clone(), stored)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.get_lead(&long.lead_id).await.unwrap(),
+                Some(growing.clone()),
+                "appended round {round}"
+            );
+        }
+        // A stored length that is not the stored log's: the whole log is written.
+        let replaced = LeadRecord {
+            auction_log: (0..70).map(|i| event(900 + i)).collect(),
+            ..growing.clone()
+        };
+        store
+            .update_lead_appended(replaced.clone(), 5)
+            .await
+            .unwrap();
+        assert_eq!(store.get_lead(&long.lead_id).await.unwrap(), Some(replaced));
         store.close().await.unwrap();
     }
 
@@ -856,6 +883,30 @@ conformance!(
     concurrent_write_burst,
     reading_after_reconnect,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appended_update_on_scylla_writes_only_the_new_log_rows() {
+    let backend = Kassandra::new().await;
+    let store = backend.open().await;
+    let mut lead = pending("sup-append", "camp-append", BASE + HOUR, BASE + 2 * HOUR);
+    lead.auction_log = (0..3).map(event).collect();
+    store
+        .insert_lead(Arc::new(lead.clone()), None)
+        .await
+        .unwrap();
+    // Given a record whose first three events differ from the stored ones, an update that
+    // says three are stored writes only the fourth: the stored three are read back as they
+    // were. (A re-auction always hands over the stored log with events added after it.)
+    let mut next = lead.clone();
+    next.auction_log = (10..14).map(event).collect();
+    store.update_lead_appended(next, 3).await.unwrap();
+    let read = store.get_lead(&lead.lead_id).await.unwrap().unwrap();
+    assert_eq!(
+        read.auction_log,
+        [(0..3).map(event).collect::<Vec<_>>(), vec![event(13)]].concat()
+    );
+    store.close().await.unwrap();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Schema and configuration

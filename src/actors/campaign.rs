@@ -687,6 +687,8 @@ impl Shared {
                 return Retry::Failed;
             }
         }
+        // What the re-auction adds goes after the log as stored.
+        let stored_log_len = record.auction_log.len();
         let mut resolved = None;
         if policy.expired(record.created_at_ms, now) {
             record.status = LeadStatus::Unsold;
@@ -699,7 +701,9 @@ impl Shared {
                     tracing::error!(?e, "stored pending lead does not parse; given up");
                     record.status = LeadStatus::Unsold;
                     record.next_retry_ms = None;
-                    return self.store_retry(record, Some("unsold")).await;
+                    return self
+                        .store_retry(record, Some("unsold"), stored_log_len)
+                        .await;
                 }
             };
             counter!(telemetry::REAUCTIONS_TOTAL, "campaign" => campaign.clone()).increment(1);
@@ -726,17 +730,26 @@ impl Shared {
                 resolved = Some("sold");
             }
         }
-        self.store_retry(record, resolved).await
+        self.store_retry(record, resolved, stored_log_len).await
     }
 
     /// Stores a re-auction's outcome; a supplier's notification of it is recorded first, so
     /// a crash once it is stored cannot lose the notification.
-    async fn store_retry(&self, record: &LeadRecord, resolved: Option<&'static str>) -> Retry {
+    async fn store_retry(
+        &self,
+        record: &LeadRecord,
+        resolved: Option<&'static str>,
+        stored_log_len: usize,
+    ) -> Retry {
         let notice = match resolved {
             Some(_) => self.webhooks.prepare(record).await,
             None => None,
         };
-        if let Err(e) = self.store.update_lead(record.clone()).await {
+        if let Err(e) = self
+            .store
+            .update_lead_appended(record.clone(), stored_log_len)
+            .await
+        {
             tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
             if let Some(notice) = notice {
                 self.webhooks.cancel(notice).await;

@@ -136,6 +136,20 @@ pub trait LeadStore: Send + Sync + 'static {
     /// queue according to `next_retry_ms`; returns once durable.
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError>;
 
+    /// As `update_lead`, for a record whose auction log is the stored one with events added
+    /// at its end, the first `stored_log_len` of them stored already (a re-auction's outcome):
+    /// a backend that keeps the log as rows writes only the new ones, so a lead auctioned again
+    /// every minute for a day does not rewrite its whole log each time. A lead whose stored log
+    /// is not `stored_log_len` long has its log rewritten whole.
+    async fn update_lead_appended(
+        &self,
+        record: LeadRecord,
+        stored_log_len: usize,
+    ) -> Result<(), StorageError> {
+        let _ = stored_log_len;
+        self.update_lead(record).await
+    }
+
     /// Pending leads of a campaign due for another auction at `due_ms` (their
     /// `next_retry_ms` is at or before it), earliest first, at most `limit`.
     async fn pending_due(

@@ -187,6 +187,38 @@ impl SpillingStore {
         }
     }
 
+    /// Updates the lead in storage (only its new log events when `stored_log_len` says how
+    /// many are stored); a re-auctioned lead that sold is spilled whole if storage refuses it.
+    async fn update(
+        &self,
+        record: LeadRecord,
+        stored_log_len: Option<usize>,
+    ) -> Result<(), StorageError> {
+        let write = |record: LeadRecord| async move {
+            match stored_log_len {
+                Some(len) => self.inner.update_lead_appended(record, len).await,
+                None => self.inner.update_lead(record).await,
+            }
+        };
+        if record.status != LeadStatus::Sold {
+            return write(record).await;
+        }
+        // A re-auctioned lead that sold: kept like a first sale, or the next tick would find it
+        // still pending in the store and sell it again.
+        let backup = record.clone();
+        match write(record).await {
+            Err(cause) => {
+                let entry = Spilled {
+                    record: backup,
+                    idempotency: None,
+                    update: true,
+                };
+                self.keep(entry, cause).await
+            }
+            ok => ok,
+        }
+    }
+
     /// The newest spilled version of `lead_id`, if the spill holds it.
     async fn spilled_lead(&self, lead_id: &str) -> Option<LeadRecord> {
         let spill = self.spill.lock().await;
@@ -279,23 +311,15 @@ impl LeadStore for SpillingStore {
     }
 
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        if record.status != LeadStatus::Sold {
-            return self.inner.update_lead(record).await;
-        }
-        // A re-auctioned lead that sold: kept like a first sale, or the next tick would find it
-        // still pending in the store and sell it again.
-        let backup = record.clone();
-        match self.inner.update_lead(record).await {
-            Err(cause) => {
-                let entry = Spilled {
-                    record: backup,
-                    idempotency: None,
-                    update: true,
-                };
-                self.keep(entry, cause).await
-            }
-            ok => ok,
-        }
+        self.update(record, None).await
+    }
+
+    async fn update_lead_appended(
+        &self,
+        record: LeadRecord,
+        stored_log_len: usize,
+    ) -> Result<(), StorageError> {
+        self.update(record, Some(stored_log_len)).await
     }
 
     async fn pending_due_after(

@@ -177,7 +177,7 @@ impl Statements {
             ))
             .await?,
             select_queue_entry: prepare(format!(
-                "SELECT campaign_id, next_retry_ms FROM {ks}.leads WHERE lead_id = ?"
+                "SELECT campaign_id, next_retry_ms, log_len FROM {ks}.leads WHERE lead_id = ?"
             ))
             .await?,
             select_by_day: prepare(format!(
@@ -229,6 +229,7 @@ struct LogRow {
 struct QueueEntryRow {
     campaign_id: String,
     next_retry_ms: Option<i64>,
+    log_len: Option<i64>,
 }
 
 /// Auction-log rows an update writes in one batch of its own, before the lead's row.
@@ -380,13 +381,72 @@ impl Connected {
         result.map(|_| ())
     }
 
-    /// The rows of `record`'s auction log.
+    /// Stores `record` over the lead; of its auction log only the events past
+    /// `stored_log_len` when the stored log is that long (the events before are stored
+    /// already), else the whole log.
+    async fn update_lead(
+        &self,
+        record: LeadRecord,
+        stored_log_len: Option<usize>,
+    ) -> Result<(), StorageError> {
+        let previous = self
+            .one_row::<QueueEntryRow>(
+                &self.statements.select_queue_entry,
+                (record.lead_id.as_str(),),
+            )
+            .await?;
+        // The auction log's rows go first, in batches of their own, and the lead's row with
+        // its new `log_len` after them. Written in the lead's batch, a log that grew with each
+        // re-auction made that batch larger each time, until a lead pending for hours passed
+        // the cluster's batch size limit and every later update of it failed. Rows past the
+        // stored `log_len` are not read, so rows written before a failed update stay unseen.
+        // A re-auction adds events at the end of a log it read: only those are written, or a
+        // lead auctioned every minute for a day would rewrite thousands of rows each time.
+        let stored = previous.as_ref().and_then(|p| p.log_len);
+        let from = match stored_log_len {
+            Some(len) if stored == Some(len as i64) => len,
+            _ => 0,
+        };
+        let mut rows = self.log_parts(&record, from)?;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_BATCH));
+            self.write(rows).await?;
+            rows = rest;
+        }
+        let mut parts = self.record_parts(&record)?;
+        if let Some(QueueEntryRow {
+            campaign_id,
+            next_retry_ms: Some(due),
+            ..
+        }) = previous
+            && due != NOT_QUEUED
+        {
+            // A delete and an insert of the same row in one batch share a timestamp, and the
+            // delete would win: only delete an entry the new record does not keep.
+            let kept = campaign_id == record.campaign_id && record.next_retry_ms == Some(due);
+            if !kept {
+                parts.push((
+                    &self.statements.delete_pending,
+                    Box::new((
+                        campaign_id,
+                        pending_bucket(due),
+                        due,
+                        record.lead_id.clone(),
+                    )),
+                ));
+            }
+        }
+        self.write(parts).await
+    }
+
+    /// The rows of `record`'s auction log from its event `from` on.
     fn log_parts(
         &self,
         record: &LeadRecord,
+        from: usize,
     ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
         let mut parts: Vec<(&PreparedStatement, Values)> = Vec::new();
-        for (seq, event) in record.auction_log.iter().enumerate() {
+        for (seq, event) in record.auction_log.iter().enumerate().skip(from) {
             let (name, buyer) = event_name(event);
             let detail = serde_json::to_string(event).map_err(backend)?;
             parts.push((
@@ -515,7 +575,7 @@ impl LeadStore for ScyllaStore {
         let c = self.connected()?;
         // A new lead's log is short (one auction): it goes in the lead's batch.
         let mut parts = c.record_parts(&record)?;
-        parts.extend(c.log_parts(&record)?);
+        parts.extend(c.log_parts(&record, 0)?);
         if let Some((key, answer)) = idempotency {
             parts.push((
                 &c.statements.insert_idempotency,
@@ -536,44 +596,17 @@ impl LeadStore for ScyllaStore {
     }
 
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        let c = self.connected()?;
-        let previous = c
-            .one_row::<QueueEntryRow>(&c.statements.select_queue_entry, (record.lead_id.as_str(),))
-            .await?;
-        // The auction log's rows go first, in batches of their own, and the lead's row with
-        // its new `log_len` after them. Written in the lead's batch, a log that grew with each
-        // re-auction made that batch larger each time, until a lead pending for hours passed
-        // the cluster's batch size limit and every later update of it failed. Rows past the
-        // stored `log_len` are not read, so rows written before a failed update stay unseen.
-        let mut rows = c.log_parts(&record)?;
-        while !rows.is_empty() {
-            let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_BATCH));
-            c.write(rows).await?;
-            rows = rest;
-        }
-        let mut parts = c.record_parts(&record)?;
-        if let Some(QueueEntryRow {
-            campaign_id,
-            next_retry_ms: Some(due),
-        }) = previous
-            && due != NOT_QUEUED
-        {
-            // A delete and an insert of the same row in one batch share a timestamp, and the
-            // delete would win: only delete an entry the new record does not keep.
-            let kept = campaign_id == record.campaign_id && record.next_retry_ms == Some(due);
-            if !kept {
-                parts.push((
-                    &c.statements.delete_pending,
-                    Box::new((
-                        campaign_id,
-                        pending_bucket(due),
-                        due,
-                        record.lead_id.clone(),
-                    )),
-                ));
-            }
-        }
-        c.write(parts).await
+        self.connected()?.update_lead(record, None).await
+    }
+
+    async fn update_lead_appended(
+        &self,
+        record: LeadRecord,
+        stored_log_len: usize,
+    ) -> Result<(), StorageError> {
+        self.connected()?
+            .update_lead(record, Some(stored_log_len))
+            .await
     }
 
     async fn pending_due_after(
