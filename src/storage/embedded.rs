@@ -1052,7 +1052,13 @@ fn replace_lead(
     record: &LeadRecord,
     bytes: &[u8],
 ) -> Result<(), StorageError> {
-    let previous: Option<LeadRecord> = match leads.get(record.lead_id.as_str()).map_err(backend)? {
+    /// Of the version replaced only its queue entry is needed: the rest of the record (its
+    /// auction log grows with every re-auction) is skipped over, not built.
+    #[derive(serde::Deserialize)]
+    struct Queued {
+        next_retry_ms: Option<i64>,
+    }
+    let previous: Option<Queued> = match leads.get(record.lead_id.as_str()).map_err(backend)? {
         Some(stored) => serde_json::from_slice(stored.value()).ok(),
         None => None,
     };
