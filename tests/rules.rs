@@ -563,6 +563,27 @@ fn verify(signature: &Option<String>, body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap()
 }
 
+/// Waits (up to 10 s) until the node's outbox holds no notification still to deliver.
+async fn wait_for_no_webhook_waiting(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = app.metrics().await;
+        if metrics.contains("leadex_webhooks_waiting 0") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("webhooks"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_for_calls(receiver: &Receiver, count: usize, within: Duration) {
     let deadline = Instant::now() + within;
     while receiver.calls.lock().unwrap().len() < count && Instant::now() < deadline {
@@ -1055,16 +1076,8 @@ async fn a_webhook_not_yet_delivered_at_a_stop_is_delivered_by_the_next_start() 
     let event = verify(&calls[refused].0, &calls[refused].1);
     assert_eq!(event["event"], "lead.unsold");
     assert_eq!(event["lead_id"], lead_id.as_str());
-    let metrics = app.metrics().await;
-    assert!(
-        metrics.contains("leadex_webhooks_waiting 0"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.contains("webhooks"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    // The delivery is recorded once its answer is back, after the receiver saw the call.
+    wait_for_no_webhook_waiting(&app).await;
     app.stop().await;
     let (waiting, _) = fold_outbox(&std::fs::read_to_string(&outbox).unwrap());
     assert!(waiting.is_empty(), "{waiting:?}");
@@ -1128,7 +1141,7 @@ async fn a_notification_recorded_before_a_crash_is_sent_only_if_its_status_was_s
 
     let app = TestApp::spawn(&text).await;
     wait_for_calls(&hook, 1, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_no_webhook_waiting(&app).await;
     let calls = hook.calls.lock().unwrap().clone();
     assert_eq!(
         calls.len(),
