@@ -1057,6 +1057,16 @@ async fn a_webhook_not_yet_delivered_at_a_stop_is_delivered_by_the_next_start() 
     let status = wait_for_status(&app, &lead_id, "unsold", Duration::from_secs(10)).await;
     assert_eq!(status["status"], "unsold", "{status}");
     wait_for_calls(&hook, 1, Duration::from_secs(5)).await;
+    // The refused try is recorded once its answer is back, after the receiver saw the call.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fold_outbox(&std::fs::read_to_string(&outbox).unwrap())
+        .0
+        .iter()
+        .all(|entry| entry.attempts == 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.stop().await;
     let refused = hook.calls.lock().unwrap().len();
     assert!(refused >= 1, "tried before the stop");
