@@ -34,6 +34,8 @@ const RETRY_BATCH: usize = 64;
 const RETRY_BATCHES_PER_TICK: usize = 64;
 /// How long one re-auction may hold its lead before another node or tick may take it.
 const RETRY_LEASE_MS: i64 = 5 * 60 * 1000;
+/// How long a re-auction's lead stays leased while its sale waits in this node's spill.
+const SPILLED_LEASE_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// What became of one due lead in a scheduler tick.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,8 +47,6 @@ enum Retry {
     /// Storage or the lease backend failed; it stays due.
     Failed,
 }
-/// How long a re-auction's lead stays leased while its sale waits in this node's spill.
-const SPILLED_LEASE_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// A buyer as one campaign sees it.
 #[derive(Clone)]
