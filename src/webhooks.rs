@@ -283,11 +283,16 @@ impl WebhookSender {
         }
         for entry in left {
             // A notification already tried was confirmed; one never tried may not have been.
-            if entry.attempts == 0 && !sender.status_stored(&entry).await.unwrap_or(true) {
-                sender.drop_unstored(entry).await;
-                continue;
+            // One whose lead cannot be read now is checked again before its first try.
+            let stored = match entry.attempts {
+                0 => sender.status_stored(&entry).await.ok(),
+                _ => Some(true),
+            };
+            match stored {
+                Some(true) => sender.deliver_in_background(entry, false),
+                Some(false) => sender.drop_unstored(entry).await,
+                None => sender.deliver_in_background(entry, true),
             }
-            sender.deliver_in_background(entry);
         }
         Ok(sender)
     }
@@ -340,7 +345,7 @@ impl WebhookSender {
 
     /// The status is stored: delivery starts.
     pub fn confirm(&self, prepared: Prepared) {
-        self.deliver_in_background(prepared.0);
+        self.deliver_in_background(prepared.0, false);
     }
 
     /// The status was not stored: the notification is ended unsent.
@@ -369,22 +374,24 @@ impl WebhookSender {
         }
     }
 
-    fn deliver_in_background(&self, entry: Outgoing) {
+    /// Delivers `entry` in its own task; `check` first waits until its lead can be read and
+    /// sends it only if the status it announces was stored.
+    fn deliver_in_background(&self, entry: Outgoing, check: bool) {
         let sender = self.clone();
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             tokio::select! {
-                () = sender.deliver(entry) => {}
+                () = sender.deliver(entry, check) => {}
                 _ = stop.wait_for(|stopped| *stopped) => {}
             }
         });
     }
 
-    /// Tries `entry` until it is delivered or given up, recording each try. One never tried is
+    /// Tries `entry` until it is delivered or given up, recording each try. With `check` it is
     /// first checked against its stored lead (a read that fails is tried again on the retry
     /// schedule).
-    async fn deliver(&self, mut entry: Outgoing) {
-        if entry.attempts == 0 && self.store.is_some() {
+    async fn deliver(&self, mut entry: Outgoing, check: bool) {
+        if check {
             let mut checks = 0;
             loop {
                 match self.status_stored(&entry).await {
