@@ -62,15 +62,16 @@ impl BuyerHealth {
             (before, breaker.permit(self.clock.now_ms()))
         };
         // A lost probe replaced in half-open is no change of state.
-        if permit == Permit::Probe && before == BreakerState::Open {
+        if matches!(permit, Permit::Probe(_)) && before == BreakerState::Open {
             self.changed(BreakerState::HalfOpen);
         }
         permit
     }
 
-    /// The probe `permit` gave was not used: the next request may probe at once.
-    pub fn probe_unused(&self) {
-        self.breaker.lock().expect("breaker").probe_unused();
+    /// The probe `permit` gave (`Permit::Probe(since_ms)`) was not used: the next request may
+    /// probe at once.
+    pub fn probe_unused(&self, since_ms: i64) {
+        self.breaker.lock().expect("breaker").probe_unused(since_ms);
     }
 
     /// Records an answer (`true`) or a timeout/error (`false`).

@@ -379,8 +379,8 @@ impl Shared {
             };
             match buyer.fixed_price {
                 Some(price) => {
-                    if permit == Permit::Probe {
-                        direct_probes.push(index);
+                    if let Permit::Probe(since_ms) = permit {
+                        direct_probes.push((index, since_ms));
                     }
                     log.push(AuctionEvent::Direct {
                         buyer: buyer.id.clone(),
@@ -551,13 +551,13 @@ impl Shared {
                 break;
             }
         }
-        for index in direct_probes {
+        for (index, since_ms) in direct_probes {
             let buyer = &s.buyers[index];
             let posted = log.iter().any(
                 |event| matches!(event, AuctionEvent::Post { buyer: b, .. } if *b == buyer.id),
             );
             if !posted {
-                buyer.health.probe_unused();
+                buyer.health.probe_unused(since_ms);
             }
         }
         let (sold, total) = queue.into_sale();

@@ -30,8 +30,9 @@ impl BreakerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permit {
     Allowed,
-    /// The one request whose outcome closes or re-opens the breaker.
-    Probe,
+    /// The one request whose outcome closes or re-opens the breaker; it carries when it was
+    /// let out, which names it when it is given back unused.
+    Probe(i64),
     Denied,
 }
 
@@ -69,23 +70,25 @@ impl Breaker {
             BreakerState::Open if now_ms - self.opened_at_ms >= self.cooldown_ms => {
                 self.state = BreakerState::HalfOpen;
                 self.probe_since_ms = Some(now_ms);
-                Permit::Probe
+                Permit::Probe(now_ms)
             }
             BreakerState::Open => Permit::Denied,
             BreakerState::HalfOpen => match self.probe_since_ms {
                 Some(since) if now_ms - since < self.cooldown_ms.max(1) => Permit::Denied,
                 _ => {
                     self.probe_since_ms = Some(now_ms);
-                    Permit::Probe
+                    Permit::Probe(now_ms)
                 }
             },
         }
     }
 
-    /// The probe let out was not used (a direct-post buyer outbid, so never posted to): the
-    /// next request may probe at once instead of after another cooldown.
-    pub fn probe_unused(&mut self) {
-        if self.state == BreakerState::HalfOpen {
+    /// The probe let out at `since_ms` (its `Permit::Probe`) was not used (a direct-post buyer
+    /// outbid, so never posted to): the next request may probe at once instead of after
+    /// another cooldown. Only that probe is given back: one that replaced it meanwhile (it was
+    /// held past a cooldown) stays the one in flight.
+    pub fn probe_unused(&mut self, since_ms: i64) {
+        if self.state == BreakerState::HalfOpen && self.probe_since_ms == Some(since_ms) {
             self.probe_since_ms = None;
         }
     }
@@ -127,18 +130,32 @@ mod tests {
     fn an_unused_probe_lets_the_next_request_probe_at_once() {
         let mut b = Breaker::new(1, 1000);
         b.record(false, 0);
-        assert_eq!(b.permit(1000), Permit::Probe);
+        assert_eq!(b.permit(1000), Permit::Probe(1000));
         // Another request meanwhile waits for the probe's outcome...
         assert_eq!(b.permit(1001), Permit::Denied);
         // ...unless the probe was never sent.
-        b.probe_unused();
+        b.probe_unused(1000);
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert_eq!(b.permit(1002), Permit::Probe);
+        assert_eq!(b.permit(1002), Permit::Probe(1002));
         b.record(true, 1003);
         assert_eq!(b.state(), BreakerState::Closed);
         // Closed, an unused permit changes nothing.
-        b.probe_unused();
+        b.probe_unused(1002);
         assert_eq!(b.permit(1004), Permit::Allowed);
+    }
+
+    #[test]
+    fn a_probe_given_back_late_does_not_free_the_one_that_replaced_it() {
+        let mut b = Breaker::new(1, 100);
+        b.record(false, 0);
+        assert_eq!(b.permit(100), Permit::Probe(100));
+        // Held past a cooldown: replaced by another probe.
+        assert_eq!(b.permit(200), Permit::Probe(200));
+        // The first comes back unused: the second is still the one in flight.
+        b.probe_unused(100);
+        assert_eq!(b.permit(201), Permit::Denied, "one probe at a time");
+        b.probe_unused(200);
+        assert_eq!(b.permit(202), Permit::Probe(202));
     }
 
     #[test]
@@ -159,7 +176,7 @@ mod tests {
     fn cools_down_then_one_probe_closes_it() {
         let mut b = Breaker::new(1, 1000);
         assert_eq!(b.record(false, 0), Some(BreakerState::Open));
-        assert_eq!(b.permit(1000), Permit::Probe);
+        assert_eq!(b.permit(1000), Permit::Probe(1000));
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert_eq!(b.permit(1001), Permit::Denied, "only one probe at a time");
         assert_eq!(b.record(true, 1050), Some(BreakerState::Closed));
@@ -171,10 +188,10 @@ mod tests {
         let mut b = Breaker::new(2, 500);
         b.record(false, 0);
         b.record(false, 10);
-        assert_eq!(b.permit(510), Permit::Probe);
+        assert_eq!(b.permit(510), Permit::Probe(510));
         assert_eq!(b.record(false, 600), Some(BreakerState::Open));
         assert_eq!(b.permit(1099), Permit::Denied);
-        assert_eq!(b.permit(1100), Permit::Probe);
+        assert_eq!(b.permit(1100), Permit::Probe(1100));
     }
 
     #[test]
@@ -188,15 +205,15 @@ mod tests {
             Permit::Denied,
             "the cooldown still runs from the opening"
         );
-        assert_eq!(b.permit(1000), Permit::Probe);
+        assert_eq!(b.permit(1000), Permit::Probe(1000));
     }
 
     #[test]
     fn a_lost_probe_is_replaced_after_a_cooldown() {
         let mut b = Breaker::new(1, 100);
         b.record(false, 0);
-        assert_eq!(b.permit(100), Permit::Probe);
+        assert_eq!(b.permit(100), Permit::Probe(100));
         assert_eq!(b.permit(150), Permit::Denied);
-        assert_eq!(b.permit(200), Permit::Probe);
+        assert_eq!(b.permit(200), Permit::Probe(200));
     }
 }
