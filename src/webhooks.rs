@@ -5,7 +5,7 @@
 //! A notification is written to the node's outbox file (`webhooks.jsonl` in the storage
 //! folder, synced) before the lead's new status is stored (`prepare`), and each try's result
 //! after it, so one not yet delivered when the process stops or crashes is tried again by the
-//! next start. A crash between the outbox line and the status leaves a notification of a
+//! next start. Records that come while the outbox is synced are appended and synced together. A crash between the outbox line and the status leaves a notification of a
 //! status that may never have been stored: the next start reads the lead of every notification
 //! not yet tried and sends it only if the lead's stored status is the one it announces.
 //! Delivery is at least once: a crash between a delivery and its record repeats it, and a
@@ -151,6 +151,8 @@ struct Outbox {
     file: File,
     open: HashMap<(String, String), Outgoing>,
     lines: usize,
+    /// Appends (or rewrites) synced since the file was opened.
+    syncs: usize,
 }
 
 impl Outbox {
@@ -172,31 +174,82 @@ impl Outbox {
             file,
             open,
             lines: entries.len(),
+            syncs: 0,
         };
         Ok((outbox, entries))
     }
 
-    /// Records `entry` (new, tried again, or done) durably.
-    fn record(&mut self, entry: &Outgoing) -> std::io::Result<()> {
-        if entry.done {
-            self.open.remove(&entry.key());
-        } else {
-            self.open.insert(entry.key(), entry.clone());
+    /// Records `entries` (each new, tried again, or done) durably: their lines are appended
+    /// and synced once for all of them.
+    fn record(&mut self, entries: &[Outgoing]) -> std::io::Result<()> {
+        for entry in entries {
+            if entry.done {
+                self.open.remove(&entry.key());
+            } else {
+                self.open.insert(entry.key(), entry.clone());
+            }
         }
         if self.lines >= COMPACT_LINES && self.lines >= 4 * self.open.len() {
-            let mut entries: Vec<Outgoing> = self.open.values().cloned().collect();
-            entries.sort_by_key(|e| e.first_at_ms);
-            self.file = rewrite(&self.path, &entries)?;
-            self.lines = entries.len();
+            let mut open: Vec<Outgoing> = self.open.values().cloned().collect();
+            open.sort_by_key(|e| e.first_at_ms);
+            self.file = rewrite(&self.path, &open)?;
+            self.lines = open.len();
         } else {
-            let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
-            line.push(b'\n');
-            self.file.write_all(&line)?;
+            let mut text = Vec::new();
+            for entry in entries {
+                serde_json::to_writer(&mut text, entry).map_err(std::io::Error::other)?;
+                text.push(b'\n');
+            }
+            self.file.write_all(&text)?;
             self.file.sync_data()?;
-            self.lines += 1;
+            self.lines += entries.len();
         }
+        self.syncs += 1;
         gauge!(telemetry::WEBHOOKS_WAITING).set(self.open.len() as f64);
         Ok(())
+    }
+}
+
+/// Records waiting for the outbox, and whether a thread is writing them. Records that come
+/// while one group is synced go together in the next: a tick that resolves many pending leads
+/// at once pays a sync per group, not per lead.
+#[derive(Default)]
+struct OutboxQueue {
+    waiting: Vec<(Outgoing, tokio::sync::oneshot::Sender<std::io::Result<()>>)>,
+    writing: bool,
+}
+
+/// The outbox and the records queued for it.
+struct SharedOutbox {
+    outbox: Mutex<Outbox>,
+    queue: Mutex<OutboxQueue>,
+}
+
+impl SharedOutbox {
+    /// Writes queued records a group at a time until none is left (on a blocking thread).
+    fn write_queued(&self) {
+        loop {
+            let group = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.waiting.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let (entries, answers): (Vec<Outgoing>, Vec<_>) = group.into_iter().unzip();
+            let written = self
+                .outbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(&entries);
+            for answer in answers {
+                let _ = answer.send(match &written {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                });
+            }
+        }
     }
 }
 
@@ -231,7 +284,7 @@ pub struct WebhookSender {
     client: reqwest::Client,
     targets: Arc<HashMap<String, WebhookTarget>>,
     /// `None`: notifications are kept in memory only (a sender for no supplier).
-    outbox: Option<Arc<Mutex<Outbox>>>,
+    outbox: Option<Arc<SharedOutbox>>,
     /// Where a notification an earlier run left untried is checked against its lead.
     store: Option<Arc<dyn LeadStore>>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -274,7 +327,10 @@ impl WebhookSender {
         let (outbox, left) = Outbox::open(path)?;
         gauge!(telemetry::WEBHOOKS_WAITING).set(left.len() as f64);
         let sender = WebhookSender {
-            outbox: Some(Arc::new(Mutex::new(outbox))),
+            outbox: Some(Arc::new(SharedOutbox {
+                outbox: Mutex::new(outbox),
+                queue: Mutex::default(),
+            })),
             store: Some(store),
             ..WebhookSender::new(targets)
         };
@@ -356,21 +412,31 @@ impl WebhookSender {
     }
 
     async fn save(&self, entry: &Outgoing) {
-        let Some(outbox) = self.outbox.clone() else {
+        let Some(shared) = self.outbox.clone() else {
             return;
         };
-        let entry = entry.clone();
-        let saved = tokio::task::spawn_blocking(move || {
-            let mut outbox = outbox.lock().expect("webhook outbox");
-            outbox.record(&entry).map_err(|e| (outbox.path.clone(), e))
-        })
-        .await;
-        match saved {
+        let (answer, written) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.waiting.push((entry.clone(), answer));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start_writer {
+            let writer = shared.clone();
+            tokio::task::spawn_blocking(move || writer.write_queued());
+        }
+        match written.await {
             Ok(Ok(())) => {}
-            Ok(Err((path, e))) => {
+            Ok(Err(e)) => {
+                let path = shared
+                    .outbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .path
+                    .clone();
                 tracing::error!(file = %path.display(), error = %e, "webhook outbox not written: this notification is not kept over a restart")
             }
-            Err(e) => tracing::error!(error = %e, "webhook outbox write did not finish"),
+            Err(_) => tracing::error!("webhook outbox write did not finish"),
         }
     }
 
@@ -554,17 +620,17 @@ mod tests {
         assert!(left.is_empty());
         for n in 0..COMPACT_LINES {
             outbox
-                .record(&outgoing(&format!("L{n}"), 0, false))
+                .record(&[outgoing(&format!("L{n}"), 0, false)])
                 .unwrap();
             if n > 0 {
                 outbox
-                    .record(&outgoing(&format!("L{}", n - 1), 1, true))
+                    .record(&[outgoing(&format!("L{}", n - 1), 1, true)])
                     .unwrap();
             }
         }
         // Past the threshold the file holds only what is still open.
         assert!(outbox.lines < COMPACT_LINES, "{}", outbox.lines);
-        outbox.record(&outgoing("L1", 3, false)).unwrap();
+        outbox.record(&[outgoing("L1", 3, false)]).unwrap();
         drop(outbox);
         let (reopened, left) = Outbox::open(&path).unwrap();
         let mut ids: Vec<_> = left
@@ -608,6 +674,57 @@ mod tests {
         assert!(
             text.starts_with(r#"{"event":"lead.unsold""#) && !text.contains("price"),
             "{text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notifications_recorded_at_once_share_their_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::storage::embedded::EmbeddedStore::open(&dir.path().join("store"), 64).unwrap();
+        let targets = HashMap::from([(
+            "s".to_owned(),
+            WebhookTarget {
+                url: "http://127.0.0.1:9/hook".into(),
+                secret: "k".into(),
+            },
+        )]);
+        let path = dir.path().join("webhooks.jsonl");
+        let sender = WebhookSender::with_outbox(targets, &path, Arc::new(store))
+            .await
+            .unwrap();
+        let syncs = || sender.outbox.as_ref().unwrap().outbox.lock().unwrap().syncs;
+        let records: Vec<LeadRecord> = (0..200)
+            .map(|n| LeadRecord {
+                lead_id: format!("L{n}"),
+                supplier_id: "s".into(),
+                seller: "ACME1234".into(),
+                campaign_id: "c".into(),
+                created_at_ms: 0,
+                status: LeadStatus::Sold,
+                price_cents: 1250,
+                buyer_ids: vec!["b".into()],
+                fields: Default::default(),
+                auction_log: vec![],
+                next_retry_ms: None,
+            })
+            .collect();
+        let prepared = futures::future::join_all(records.iter().map(|r| sender.prepare(r))).await;
+        // Each is in the file once `prepare` returns, and they went in fewer syncs than lines.
+        let (open, lines) = fold_outbox(&std::fs::read_to_string(&path).unwrap());
+        assert_eq!((open.len(), lines), (200, 200));
+        let after_prepare = syncs();
+        assert!(
+            after_prepare < 100,
+            "{after_prepare} syncs for 200 notifications"
+        );
+        futures::future::join_all(prepared.into_iter().map(|p| sender.cancel(p.unwrap()))).await;
+        let (open, lines) = fold_outbox(&std::fs::read_to_string(&path).unwrap());
+        assert_eq!((open.len(), lines), (0, 400));
+        assert!(
+            syncs() - after_prepare < 100,
+            "{} syncs",
+            syncs() - after_prepare
         );
     }
 }
