@@ -5,11 +5,13 @@
 //! A notification is written to the node's outbox file (`webhooks.jsonl` in the storage
 //! folder, synced) before the lead's new status is stored (`prepare`), and each try's result
 //! after it, so one not yet delivered when the process stops or crashes is tried again by the
-//! next start. Records that come while the outbox is synced are appended and synced together. A crash between the outbox line and the status leaves a notification of a
-//! status that may never have been stored: the next start reads the lead of every notification
-//! not yet tried and sends it only if the lead's stored status is the one it announces.
-//! Delivery is at least once: a crash between a delivery and its record repeats it, and a
-//! supplier tells repeats apart by `lead_id` and `event`.
+//! next start. Records that come while the outbox is synced are appended and synced together.
+//! A crash between the outbox line and the status leaves a notification of a status that may
+//! never have been stored: the next start reads the lead of every notification not yet tried
+//! and sends it only if the stored lead is the outcome it announces. A notification whose
+//! status write failed is checked the same way (`unsure`): a failed write may still have been
+//! applied. Delivery is at least once: a crash between a delivery and its record repeats it,
+//! and a supplier tells repeats apart by `lead_id` and `event`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -353,15 +355,18 @@ impl WebhookSender {
         Ok(sender)
     }
 
-    /// Whether the stored lead of `entry` has the status it announces; an error when the
-    /// lead cannot be read.
+    /// Whether the stored lead of `entry` is the outcome it announces (the same status, and
+    /// for a sale the same price and buyers: a later re-auction may have sold it otherwise);
+    /// an error when the lead cannot be read.
     async fn status_stored(&self, entry: &Outgoing) -> Result<bool, crate::storage::StorageError> {
         let Some(store) = &self.store else {
             return Ok(true);
         };
         let lead = store.get_lead(&entry.lead_id).await?;
         Ok(lead.is_some_and(|lead| {
-            lead.status != LeadStatus::Pending && event_of(&lead) == entry.event
+            lead.status != LeadStatus::Pending
+                && event_of(&lead) == entry.event
+                && body(&lead) == entry.body.as_bytes()
         }))
     }
 
@@ -402,6 +407,14 @@ impl WebhookSender {
     /// The status is stored: delivery starts.
     pub fn confirm(&self, prepared: Prepared) {
         self.deliver_in_background(prepared.0, false);
+    }
+
+    /// Storing the status failed, and a failed write may still have been applied (a
+    /// ScyllaDB timeout after the replicas wrote it): the lead is read back, and the
+    /// notification sent only if the stored lead is the outcome it announces, ended unsent if
+    /// not (a read that fails is tried again on the retry schedule).
+    pub fn unsure(&self, prepared: Prepared) {
+        self.deliver_in_background(prepared.0, true);
     }
 
     /// The status was not stored: the notification is ended unsent.

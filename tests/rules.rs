@@ -729,6 +729,30 @@ fn reauctioning_campaign(
     buyer: &BuyerSim,
     buyer_id: &str,
 ) -> actix::Addr<CampaignActor> {
+    // Ticks every second; a lead auctioned and still unsold is due again a minute later.
+    let pending = PendingPolicy {
+        ttl_ms: 3_600_000,
+        retry_interval_ms: 60_000,
+    };
+    reauctioning_campaign_with(
+        store,
+        coord,
+        buyer,
+        buyer_id,
+        pending,
+        WebhookSender::new(Default::default()),
+    )
+}
+
+/// As `reauctioning_campaign`, with its pending policy and supplier webhooks.
+fn reauctioning_campaign_with(
+    store: Arc<dyn LeadStore>,
+    coord: Arc<MemoryCoordinator>,
+    buyer: &BuyerSim,
+    buyer_id: &str,
+    pending: PendingPolicy,
+    webhooks: WebhookSender,
+) -> actix::Addr<CampaignActor> {
     let health = Arc::new(BuyerHealth::new(
         buyer_id,
         5,
@@ -768,11 +792,7 @@ fn reauctioning_campaign(
             health,
         }],
         dedupe_days: None,
-        // Ticks every second; a lead auctioned and still unsold is due again a minute later.
-        pending: Some(PendingPolicy {
-            ttl_ms: 3_600_000,
-            retry_interval_ms: 60_000,
-        }),
+        pending: Some(pending),
     };
     CampaignActor::new(
         settings,
@@ -780,7 +800,7 @@ fn reauctioning_campaign(
             store,
             coord,
             clock: Clock::system(),
-            webhooks: WebhookSender::new(Default::default()),
+            webhooks,
             drain: Default::default(),
             reauctions: true,
         },
@@ -811,6 +831,163 @@ async fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "waited {within:?} for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A store whose update of a given lead fails, once: after writing it (`applied`, as a
+/// ScyllaDB timeout after the replicas wrote it) or without.
+struct FailingUpdate {
+    inner: Arc<dyn LeadStore>,
+    /// Lead id -> whether its failed update is applied; taken by its first update.
+    fail: Mutex<std::collections::HashMap<String, bool>>,
+}
+
+#[async_trait::async_trait]
+impl LeadStore for FailingUpdate {
+    async fn insert_lead(
+        &self,
+        record: Arc<LeadRecord>,
+        idempotency: Option<(String, IdempotentAnswer)>,
+    ) -> Result<(), StorageError> {
+        self.inner.insert_lead(record, idempotency).await
+    }
+    async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
+        self.inner.get_lead(lead_id).await
+    }
+    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
+        let fail = self.fail.lock().unwrap().remove(&record.lead_id);
+        match fail {
+            None => self.inner.update_lead(record).await,
+            Some(applied) => {
+                if applied {
+                    self.inner.update_lead(record).await?;
+                }
+                Err(StorageError::Backend("write timed out".into()))
+            }
+        }
+    }
+    async fn pending_due_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        self.inner
+            .pending_due_after(campaign_id, due_ms, after, limit)
+            .await
+    }
+    async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
+        self.inner.put_state(key, value).await
+    }
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get_state(key).await
+    }
+    async fn get_idempotent(
+        &self,
+        supplier_id: &str,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<Option<IdempotentAnswer>, StorageError> {
+        self.inner.get_idempotent(supplier_id, key, now_ms).await
+    }
+    async fn leads_of_supplier_day(
+        &self,
+        supplier_id: &str,
+        day: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        self.inner
+            .leads_of_supplier_day(supplier_id, day, after, limit)
+            .await
+    }
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.inner.ping().await
+    }
+    async fn close(&self) -> Result<(), StorageError> {
+        self.inner.close().await
+    }
+}
+
+#[actix_web::test]
+async fn a_resolution_whose_failed_write_was_applied_is_notified_and_one_not_applied_is_not() {
+    let buyer = sim("none", 0);
+    let hook = receiver(0);
+    let dir = data_dir();
+    let inner: Arc<dyn LeadStore> = Arc::new(EmbeddedStore::open(&dir, 64).unwrap());
+    let now = Clock::system().now_ms();
+    // Two pending leads past their TTL: the first tick gives both up (unsold). The first's
+    // write fails after it was applied; the second's fails without it, and the next tick
+    // gives it up again, stored this time.
+    let (applied, lost) = ("01KPENDING00000000000000A1", "01KPENDING00000000000000B2");
+    for id in [applied, lost] {
+        inner
+            .insert_lead(Arc::new(due_pending(id, now)), None)
+            .await
+            .unwrap();
+    }
+    let store = Arc::new(FailingUpdate {
+        inner: inner.clone(),
+        fail: Mutex::new(
+            [(applied.to_owned(), true), (lost.to_owned(), false)]
+                .into_iter()
+                .collect(),
+        ),
+    });
+    let targets = std::collections::HashMap::from([(
+        "sup-1".to_owned(),
+        leadex::webhooks::WebhookTarget {
+            url: hook.url.clone(),
+            secret: WEBHOOK_SECRET.to_owned(),
+        },
+    )]);
+    let webhooks = WebhookSender::with_outbox(targets, &dir.join("webhooks.jsonl"), store.clone())
+        .await
+        .unwrap();
+    let coord = Arc::new(MemoryCoordinator::new(inner.clone()));
+    let pending = PendingPolicy {
+        ttl_ms: 60_000,
+        retry_interval_ms: 60_000,
+    };
+    let _campaign = reauctioning_campaign_with(
+        store.clone(),
+        coord,
+        &buyer,
+        "never-bids",
+        pending,
+        webhooks,
+    );
+
+    wait_for_calls(&hook, 2, Duration::from_secs(10)).await;
+    // Nothing more comes: each notified once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    let mut notified: Vec<(String, String)> = calls
+        .iter()
+        .map(|(signature, body)| {
+            let event = verify(signature, body);
+            (
+                event["lead_id"].as_str().unwrap().to_owned(),
+                event["event"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    notified.sort();
+    assert_eq!(
+        notified,
+        vec![
+            (applied.to_owned(), "lead.unsold".to_owned()),
+            (lost.to_owned(), "lead.unsold".to_owned()),
+        ]
+    );
+    for id in [applied, lost] {
+        let stored = inner.get_lead(id).await.unwrap().unwrap();
+        assert_eq!(stored.status, LeadStatus::Unsold, "{id}");
+    }
+    assert!(
+        store.fail.lock().unwrap().is_empty(),
+        "both writes failed once"
+    );
 }
 
 #[actix_web::test]
@@ -1101,8 +1278,10 @@ async fn a_webhook_not_yet_delivered_at_a_stop_is_delivered_by_the_next_start() 
 
 #[actix_web::test]
 async fn a_notification_recorded_before_a_crash_is_sent_only_if_its_status_was_stored() {
-    // Two pending leads; then, as a crash would leave them, each with a notification in the
-    // outbox and not yet tried, one whose unsold status was stored and one whose was not.
+    // Three pending leads; then, as a crash would leave them, each with a notification in the
+    // outbox and not yet tried: one whose unsold status was stored, one whose was not, and a
+    // sale whose stored lead was sold otherwise (another price and buyer, as a later
+    // re-auction would have).
     let buyer = sim("none", 0);
     let hook = receiver(0);
     let dir = data_dir();
@@ -1116,7 +1295,7 @@ async fn a_notification_recorded_before_a_crash_is_sent_only_if_its_status_was_s
     );
     let app = TestApp::spawn(&text).await;
     let mut ids = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let (_, body) = app.post_lead(&lead()).await;
         assert_eq!(body["status"], "pending", "{body}");
         ids.push(body["lead_id"].as_str().unwrap().to_owned());
@@ -1129,6 +1308,15 @@ async fn a_notification_recorded_before_a_crash_is_sent_only_if_its_status_was_s
         let mut record = store.get_lead(id).await.unwrap().unwrap();
         record.status = LeadStatus::Unsold;
         record.next_retry_ms = None;
+        if n == 2 {
+            record.status = LeadStatus::Sold;
+            record.price_cents = 1250;
+            record.buyer_ids = vec!["b-old".to_owned()];
+            let mut other = record.clone();
+            other.price_cents = 2000;
+            other.buyer_ids = vec!["b-new".to_owned()];
+            store.update_lead(other).await.unwrap();
+        }
         let now = Clock::system().now_ms();
         let entry = Outgoing {
             lead_id: id.clone(),
@@ -1163,11 +1351,13 @@ async fn a_notification_recorded_before_a_crash_is_sent_only_if_its_status_was_s
     assert_eq!(event["event"], "lead.unsold");
     let (_, second) = app.get_lead(KEY, &ids[1]).await;
     assert_eq!(second["status"], "pending", "{second}");
+    let (_, third) = app.get_lead(KEY, &ids[2]).await;
+    assert_eq!(third["status"], "sold", "{third}");
     app.stop().await;
     let (waiting, _) = fold_outbox(&std::fs::read_to_string(dir.join("webhooks.jsonl")).unwrap());
     assert!(
         waiting.is_empty(),
-        "the other one is ended, not kept: {waiting:?}"
+        "the other two are ended, not kept: {waiting:?}"
     );
 }
 

@@ -752,7 +752,8 @@ impl Shared {
         {
             tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
             if let Some(notice) = notice {
-                self.webhooks.cancel(notice).await;
+                // The write may have been applied though it failed: sent if it reads back.
+                self.webhooks.unsure(notice);
             }
             return Retry::Failed;
         }
