@@ -659,10 +659,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 
-    #[test]
-    fn body_names_the_event_and_the_sale() {
-        let record = LeadRecord {
-            lead_id: "L1".into(),
+    /// Lead `lead_id` of supplier `s`, sold for 12.50 to buyer `b`.
+    fn sold(lead_id: &str) -> LeadRecord {
+        LeadRecord {
+            lead_id: lead_id.into(),
             supplier_id: "s".into(),
             seller: "ACME1234".into(),
             campaign_id: "c".into(),
@@ -673,7 +673,12 @@ mod tests {
             fields: Default::default(),
             auction_log: vec![],
             next_retry_ms: None,
-        };
+        }
+    }
+
+    #[test]
+    fn body_names_the_event_and_the_sale() {
+        let record = sold("L1");
         let text = String::from_utf8(body(&record)).unwrap();
         assert_eq!(
             text,
@@ -707,21 +712,7 @@ mod tests {
             .await
             .unwrap();
         let syncs = || sender.outbox.as_ref().unwrap().outbox.lock().unwrap().syncs;
-        let records: Vec<LeadRecord> = (0..200)
-            .map(|n| LeadRecord {
-                lead_id: format!("L{n}"),
-                supplier_id: "s".into(),
-                seller: "ACME1234".into(),
-                campaign_id: "c".into(),
-                created_at_ms: 0,
-                status: LeadStatus::Sold,
-                price_cents: 1250,
-                buyer_ids: vec!["b".into()],
-                fields: Default::default(),
-                auction_log: vec![],
-                next_retry_ms: None,
-            })
-            .collect();
+        let records: Vec<LeadRecord> = (0..200).map(|n| sold(&format!("L{n}"))).collect();
         let prepared = futures::future::join_all(records.iter().map(|r| sender.prepare(r))).await;
         // Each is in the file once `prepare` returns, and they went in fewer syncs than lines.
         let (open, lines) = fold_outbox(&std::fs::read_to_string(&path).unwrap());

@@ -632,31 +632,52 @@ async fn a_pending_lead_is_sold_on_retry_when_a_buyer_starts_bidding() {
     app.stop().await;
 }
 
-/// One node's view of a store shared with another node: its first listing of due leads is
-/// read at once but answered only when the test opens `gate`, so it can go stale meanwhile.
-struct HeldListing {
+/// A store in front of another, for tests that need it to misbehave in one way: as one node's
+/// view of a store shared with another node, its first listing of due leads read at once but
+/// answered only when the test opens `gate` (so it can go stale meanwhile); or with the update
+/// of given leads failing once.
+struct WrappedStore {
     inner: Arc<dyn LeadStore>,
+    /// Whether the first listing waits for `gate`.
+    hold: bool,
     gate: Arc<tokio::sync::Semaphore>,
     /// Leads in the first listing, once read.
     listed: Mutex<Option<usize>>,
     listings: AtomicUsize,
     reads: AtomicUsize,
+    /// Lead id -> whether its failing update is applied first (as a ScyllaDB timeout after
+    /// the replicas wrote it); taken by the lead's first update.
+    fail: Mutex<std::collections::HashMap<String, bool>>,
 }
 
-impl HeldListing {
-    fn new(inner: Arc<dyn LeadStore>) -> Arc<HeldListing> {
-        Arc::new(HeldListing {
+impl WrappedStore {
+    fn new(inner: Arc<dyn LeadStore>) -> Arc<WrappedStore> {
+        Arc::new(WrappedStore {
             inner,
+            hold: true,
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
             listed: Mutex::new(None),
             listings: AtomicUsize::new(0),
             reads: AtomicUsize::new(0),
+            fail: Mutex::default(),
         })
+    }
+
+    /// Listings answered at once; the first update of each lead in `fail` fails, after it was
+    /// applied when its value is `true`.
+    fn failing_updates(
+        inner: Arc<dyn LeadStore>,
+        fail: std::collections::HashMap<String, bool>,
+    ) -> Arc<WrappedStore> {
+        let mut store = Arc::into_inner(WrappedStore::new(inner)).expect("just made");
+        store.hold = false;
+        store.fail = Mutex::new(fail);
+        Arc::new(store)
     }
 }
 
 #[async_trait::async_trait]
-impl LeadStore for HeldListing {
+impl LeadStore for WrappedStore {
     async fn insert_lead(
         &self,
         record: Arc<LeadRecord>,
@@ -669,7 +690,16 @@ impl LeadStore for HeldListing {
         self.inner.get_lead(lead_id).await
     }
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        self.inner.update_lead(record).await
+        let fail = self.fail.lock().unwrap().remove(&record.lead_id);
+        match fail {
+            None => self.inner.update_lead(record).await,
+            Some(applied) => {
+                if applied {
+                    self.inner.update_lead(record).await?;
+                }
+                Err(StorageError::Backend("write timed out".into()))
+            }
+        }
     }
     async fn pending_due_after(
         &self,
@@ -682,7 +712,7 @@ impl LeadStore for HeldListing {
             .inner
             .pending_due_after(campaign_id, due_ms, after, limit)
             .await;
-        if self.listings.fetch_add(1, Ordering::SeqCst) == 0 {
+        if self.listings.fetch_add(1, Ordering::SeqCst) == 0 && self.hold {
             *self.listed.lock().unwrap() = Some(due.as_ref().map_or(0, Vec::len));
             self.gate.acquire().await.expect("gate").forget();
         }
@@ -833,82 +863,6 @@ async fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
     }
 }
 
-/// A store whose update of a given lead fails, once: after writing it (`applied`, as a
-/// ScyllaDB timeout after the replicas wrote it) or without.
-struct FailingUpdate {
-    inner: Arc<dyn LeadStore>,
-    /// Lead id -> whether its failed update is applied; taken by its first update.
-    fail: Mutex<std::collections::HashMap<String, bool>>,
-}
-
-#[async_trait::async_trait]
-impl LeadStore for FailingUpdate {
-    async fn insert_lead(
-        &self,
-        record: Arc<LeadRecord>,
-        idempotency: Option<(String, IdempotentAnswer)>,
-    ) -> Result<(), StorageError> {
-        self.inner.insert_lead(record, idempotency).await
-    }
-    async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
-        self.inner.get_lead(lead_id).await
-    }
-    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        let fail = self.fail.lock().unwrap().remove(&record.lead_id);
-        match fail {
-            None => self.inner.update_lead(record).await,
-            Some(applied) => {
-                if applied {
-                    self.inner.update_lead(record).await?;
-                }
-                Err(StorageError::Backend("write timed out".into()))
-            }
-        }
-    }
-    async fn pending_due_after(
-        &self,
-        campaign_id: &str,
-        due_ms: i64,
-        after: Option<(i64, &str)>,
-        limit: usize,
-    ) -> Result<Vec<LeadRecord>, StorageError> {
-        self.inner
-            .pending_due_after(campaign_id, due_ms, after, limit)
-            .await
-    }
-    async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
-        self.inner.put_state(key, value).await
-    }
-    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get_state(key).await
-    }
-    async fn get_idempotent(
-        &self,
-        supplier_id: &str,
-        key: &str,
-        now_ms: i64,
-    ) -> Result<Option<IdempotentAnswer>, StorageError> {
-        self.inner.get_idempotent(supplier_id, key, now_ms).await
-    }
-    async fn leads_of_supplier_day(
-        &self,
-        supplier_id: &str,
-        day: i64,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<LeadRecord>, StorageError> {
-        self.inner
-            .leads_of_supplier_day(supplier_id, day, after, limit)
-            .await
-    }
-    async fn ping(&self) -> Result<(), StorageError> {
-        self.inner.ping().await
-    }
-    async fn close(&self) -> Result<(), StorageError> {
-        self.inner.close().await
-    }
-}
-
 #[actix_web::test]
 async fn a_resolution_whose_failed_write_was_applied_is_notified_and_one_not_applied_is_not() {
     let buyer = sim("none", 0);
@@ -926,14 +880,12 @@ async fn a_resolution_whose_failed_write_was_applied_is_notified_and_one_not_app
             .await
             .unwrap();
     }
-    let store = Arc::new(FailingUpdate {
-        inner: inner.clone(),
-        fail: Mutex::new(
-            [(applied.to_owned(), true), (lost.to_owned(), false)]
-                .into_iter()
-                .collect(),
-        ),
-    });
+    let store = WrappedStore::failing_updates(
+        inner.clone(),
+        [(applied.to_owned(), true), (lost.to_owned(), false)]
+            .into_iter()
+            .collect(),
+    );
     let targets = std::collections::HashMap::from([(
         "sup-1".to_owned(),
         leadex::webhooks::WebhookTarget {
@@ -1006,8 +958,8 @@ async fn two_nodes_sharing_a_store_auction_a_due_lead_once_though_both_listed_it
     // Leases are shared, as through Redis; each node has its own view of the store.
     let coord = Arc::new(MemoryCoordinator::new(shared.clone()));
     let (first, second) = (
-        HeldListing::new(shared.clone()),
-        HeldListing::new(shared.clone()),
+        WrappedStore::new(shared.clone()),
+        WrappedStore::new(shared.clone()),
     );
     let _a = reauctioning_campaign(first.clone(), coord.clone(), &buyer, "never-bids");
     let _b = reauctioning_campaign(second.clone(), coord.clone(), &buyer, "never-bids");
