@@ -24,7 +24,10 @@ cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 
 cargo build --all-targets
 cargo nextest run --no-fail-fast
-cargo bench --no-run
+# The criterion benches must build. With the dev profile they reuse the build above (which
+# compiled them too); `cargo bench` itself compiles every dependency again optimised with fat
+# LTO, which on a slow 2-core machine takes longer than the rest of this script together.
+cargo bench --no-run --profile dev
 if [ -d load-tests/k6 ]; then
   for script in load-tests/k6/*.js; do
     tmp="$(mktemp --suffix=.mjs)"
