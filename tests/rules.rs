@@ -651,16 +651,9 @@ struct WrappedStore {
 }
 
 impl WrappedStore {
+    /// Its first listing held until `gate` opens.
     fn new(inner: Arc<dyn LeadStore>) -> Arc<WrappedStore> {
-        Arc::new(WrappedStore {
-            inner,
-            hold: true,
-            gate: Arc::new(tokio::sync::Semaphore::new(0)),
-            listed: Mutex::new(None),
-            listings: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-            fail: Mutex::default(),
-        })
+        WrappedStore::with(inner, true, Default::default())
     }
 
     /// Listings answered at once; the first update of each lead in `fail` fails, after it was
@@ -669,10 +662,23 @@ impl WrappedStore {
         inner: Arc<dyn LeadStore>,
         fail: std::collections::HashMap<String, bool>,
     ) -> Arc<WrappedStore> {
-        let mut store = Arc::into_inner(WrappedStore::new(inner)).expect("just made");
-        store.hold = false;
-        store.fail = Mutex::new(fail);
-        Arc::new(store)
+        WrappedStore::with(inner, false, fail)
+    }
+
+    fn with(
+        inner: Arc<dyn LeadStore>,
+        hold: bool,
+        fail: std::collections::HashMap<String, bool>,
+    ) -> Arc<WrappedStore> {
+        Arc::new(WrappedStore {
+            inner,
+            hold,
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            listed: Mutex::new(None),
+            listings: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            fail: Mutex::new(fail),
+        })
     }
 }
 
