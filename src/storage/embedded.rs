@@ -29,7 +29,9 @@ use redb::{
 };
 use tokio::sync::oneshot;
 
-use super::{IDEMPOTENCY_TTL_MS, IdempotentAnswer, LeadRecord, LeadStore, StorageError, day_of};
+use super::{
+    AuctionEvent, IDEMPOTENCY_TTL_MS, IdempotentAnswer, LeadRecord, LeadStore, StorageError, day_of,
+};
 use super::{priority, wal};
 use crate::telemetry;
 
@@ -40,6 +42,10 @@ const SUPPLIER_DAY: TableDefinition<&str, ()> = TableDefinition::new("supplier_d
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 /// Key `campaign \x1f next_retry_ms(20 digits) \x1f lead_id`: the pending queue.
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending");
+/// Key `(lead_id, offset)`, value a JSON array of auction-log events: the events re-auctions
+/// added to a lead's log from `offset` on. A lead's log is the events its record holds
+/// (`LEADS`) followed by these rows in offset order, so a re-auction writes only what it adds.
+const LOG_TAIL: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("log_tail");
 /// Small named values (counters, breaker state).
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
@@ -79,7 +85,90 @@ const IDLE_BACKOFF: Duration = Duration::from_secs(10);
 enum WriteOp {
     Insert(Arc<LeadRecord>, Option<(String, IdempotentAnswer)>),
     Update(Arc<LeadRecord>),
+    /// `update_lead_appended` as asked: the whole record, of whose log the first `usize`
+    /// events are stored. The writer turns it into `Appended` when the stored log is that long
+    /// (`Writer::resolve`); left as it is, it is an `Update`.
+    Append(Arc<LeadRecord>, usize),
+    Appended(Arc<Appended>),
     State(String, Vec<u8>),
+}
+
+/// A re-auction's outcome as the log and the tables hold it: the lead's record with the log
+/// events it keeps inline (`head`) and the events added at offset `from`, a `LOG_TAIL` row.
+struct Appended {
+    head: LeadRecord,
+    from: u32,
+    events: Vec<AuctionEvent>,
+    /// The whole record, for readers of the overlay (absent in a write read back from the log,
+    /// which goes to the tables only).
+    whole: Option<Arc<LeadRecord>>,
+}
+
+impl Appended {
+    /// `whole`'s first `inline` events as its head and the events from `from` on as its row.
+    fn of(whole: Arc<LeadRecord>, inline: usize, from: usize) -> Appended {
+        let head = LeadRecord {
+            lead_id: whole.lead_id.clone(),
+            supplier_id: whole.supplier_id.clone(),
+            seller: whole.seller.clone(),
+            campaign_id: whole.campaign_id.clone(),
+            created_at_ms: whole.created_at_ms,
+            status: whole.status,
+            price_cents: whole.price_cents,
+            buyer_ids: whole.buyer_ids.clone(),
+            fields: whole.fields.clone(),
+            auction_log: whole.auction_log[..inline].to_vec(),
+            next_retry_ms: whole.next_retry_ms,
+        };
+        Appended {
+            head,
+            from: from as u32,
+            events: whole.auction_log[from..].to_vec(),
+            whole: Some(whole),
+        }
+    }
+}
+
+/// How a stored lead's auction log is kept: its length, and how many of its events the
+/// record holds inline (the rest are `LOG_TAIL` rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogShape {
+    len: usize,
+    inline: usize,
+}
+
+impl WriteOp {
+    /// The lead this writes, as readers of the overlay see it.
+    fn lead(&self) -> Option<&LeadRecord> {
+        match self {
+            WriteOp::Insert(r, _) | WriteOp::Update(r) | WriteOp::Append(r, _) => Some(r),
+            WriteOp::Appended(a) => a.whole.as_deref(),
+            WriteOp::State(..) => None,
+        }
+    }
+
+    /// The id of the lead this writes.
+    fn lead_id(&self) -> Option<&str> {
+        match self {
+            WriteOp::Appended(a) => Some(&a.head.lead_id),
+            op => op.lead().map(|r| r.lead_id.as_str()),
+        }
+    }
+
+    /// How the lead's log is kept once this is written.
+    fn shape(&self) -> Option<LogShape> {
+        match self {
+            WriteOp::Insert(r, _) | WriteOp::Update(r) | WriteOp::Append(r, _) => Some(LogShape {
+                len: r.auction_log.len(),
+                inline: r.auction_log.len(),
+            }),
+            WriteOp::Appended(a) => Some(LogShape {
+                len: a.from as usize + a.events.len(),
+                inline: a.head.auction_log.len(),
+            }),
+            WriteOp::State(..) => None,
+        }
+    }
 }
 
 struct WriteJob {
@@ -230,14 +319,11 @@ struct Overlay {
 
 impl Overlay {
     fn add(&mut self, seq: u64, write: &Arc<Encoded>) {
-        match &write.op {
-            WriteOp::Insert(r, _) | WriteOp::Update(r) => {
-                self.leads
-                    .insert(r.lead_id.clone(), (seq, Arc::clone(write)));
-            }
-            WriteOp::State(key, _) => {
-                self.state.insert(key.clone(), (seq, Arc::clone(write)));
-            }
+        if let WriteOp::State(key, _) = &write.op {
+            self.state.insert(key.clone(), (seq, Arc::clone(write)));
+        } else if let Some(lead_id) = write.op.lead_id() {
+            self.leads
+                .insert(lead_id.to_owned(), (seq, Arc::clone(write)));
         }
         if let Some(key) = &write.day {
             self.by_day.insert(key.clone(), seq);
@@ -261,10 +347,7 @@ impl Overlay {
     }
 
     fn lead(&self, lead_id: &str) -> Option<&LeadRecord> {
-        match &self.leads.get(lead_id)?.1.op {
-            WriteOp::Insert(r, _) | WriteOp::Update(r) => Some(r.as_ref()),
-            WriteOp::State(..) => None,
-        }
+        self.leads.get(lead_id)?.1.op.lead()
     }
 
     fn len(&self) -> usize {
@@ -366,6 +449,7 @@ impl EmbeddedStore {
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
             txn.open_table(PENDING).map_err(backend)?;
             txn.open_table(STATE).map_err(backend)?;
+            txn.open_table(LOG_TAIL).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let wal = recover(&db, dir)?;
@@ -392,6 +476,7 @@ impl EmbeddedStore {
         };
         let writer = Writer {
             log: wal,
+            db: db.clone(),
             applier: queue.clone(),
             overlay: overlay.clone(),
             seq: 0,
@@ -512,6 +597,8 @@ fn recover(db: &Database, dir: &Path) -> Result<wal::Wal, StorageError> {
 /// The writer thread's state: the log, and the applier it feeds.
 struct Writer {
     log: wal::Wal,
+    /// For the stored shape of a re-auctioned lead's log (`resolve`).
+    db: Arc<Database>,
     applier: Arc<ApplyQueue>,
     overlay: Arc<RwLock<Overlay>>,
     /// Sequence number of the last write taken.
@@ -681,7 +768,8 @@ impl Writer {
         &mut self,
         ops: Vec<WriteOp>,
     ) -> Result<Option<Vec<Arc<Encoded>>>, StorageError> {
-        let encoded = ops
+        let encoded = self
+            .resolve(ops)
             .into_iter()
             .map(|op| encode(op).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -711,6 +799,91 @@ impl Writer {
             overlay.add(first + i as u64, write);
         }
         Ok(Some(encoded))
+    }
+
+    /// Turns each `Append` into an `Appended` when the lead's stored log (its newest version:
+    /// earlier in the group, in the overlay, or in redb) is as long as the caller read it, and
+    /// into the whole record (`Update`) when it is not or cannot be read. Decided here, in log
+    /// order, so the log holds what the tables get and a replay gives the same tables.
+    fn resolve(&self, ops: Vec<WriteOp>) -> Vec<WriteOp> {
+        if !ops.iter().any(|op| matches!(op, WriteOp::Append(..))) {
+            return ops;
+        }
+        let mut newest: HashMap<String, LogShape> = HashMap::new();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let op = match op {
+                WriteOp::Append(record, from) => {
+                    let stored = match newest.get(&record.lead_id) {
+                        Some(shape) => Some(*shape),
+                        None => self.stored_shape(&record.lead_id).unwrap_or_else(|e| {
+                            tracing::warn!(lead_id = %record.lead_id, error = %e, "stored log unreadable; the lead is written whole");
+                            None
+                        }),
+                    };
+                    match stored {
+                        Some(s)
+                            if s.len == from
+                                && s.inline <= from
+                                && from <= record.auction_log.len()
+                                && from <= u32::MAX as usize =>
+                        {
+                            WriteOp::Appended(Arc::new(Appended::of(record, s.inline, from)))
+                        }
+                        _ => WriteOp::Update(record),
+                    }
+                }
+                op => op,
+            };
+            if let (Some(lead_id), Some(shape)) = (op.lead_id(), op.shape()) {
+                newest.insert(lead_id.to_owned(), shape);
+            }
+            out.push(op);
+        }
+        out
+    }
+
+    /// How the newest stored version of a lead keeps its log; `None` if it is not stored.
+    fn stored_shape(&self, lead_id: &str) -> Result<Option<LogShape>, StorageError> {
+        if let Some((_, write)) = self
+            .overlay
+            .read()
+            .expect("overlay lock")
+            .leads
+            .get(lead_id)
+        {
+            return Ok(write.op.shape());
+        }
+        // Not in the overlay: redb holds its newest version (committed before it leaves).
+        let txn = self.db.begin_read().map_err(backend)?;
+        let leads = txn.open_table(LEADS).map_err(backend)?;
+        let Some(head) = leads.get(lead_id).map_err(backend)? else {
+            return Ok(None);
+        };
+        #[derive(serde::Deserialize)]
+        struct Head {
+            auction_log: Vec<serde::de::IgnoredAny>,
+        }
+        let inline = serde_json::from_slice::<Head>(head.value())
+            .map_err(corrupt)?
+            .auction_log
+            .len();
+        let tails = txn.open_table(LOG_TAIL).map_err(backend)?;
+        let len = match tails
+            .range((lead_id, 0)..=(lead_id, u32::MAX))
+            .map_err(backend)?
+            .next_back()
+        {
+            Some(row) => {
+                let (key, events) = row.map_err(backend)?;
+                let added = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(events.value())
+                    .map_err(corrupt)?
+                    .len();
+                key.value().1 as usize + added
+            }
+            None => inline,
+        };
+        Ok(Some(LogShape { len, inline }))
     }
 
     /// Has the applier commit everything logged so far, plus `writes`, durably (storing
@@ -936,6 +1109,8 @@ struct Encoded {
     op: WriteOp,
     record: Vec<u8>,
     answer: Option<Vec<u8>>,
+    /// The events an `Appended` adds (a JSON array), its `LOG_TAIL` row.
+    tail: Option<Vec<u8>>,
     /// Supplier-by-day key (inserts).
     day: Option<String>,
     /// Pending-queue key (a lead due for another auction).
@@ -945,7 +1120,7 @@ struct Encoded {
 }
 
 fn encode(op: WriteOp) -> Result<Encoded, StorageError> {
-    let (mut day, mut queue, mut idem, mut answer) = (None, None, None, None);
+    let (mut day, mut queue, mut idem, mut answer, mut tail) = (None, None, None, None, None);
     let record = match &op {
         WriteOp::Insert(r, idempotency) => {
             day = Some(day_key(&r.supplier_id, day_of(r.created_at_ms), &r.lead_id));
@@ -958,11 +1133,19 @@ fn encode(op: WriteOp) -> Result<Encoded, StorageError> {
                 .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
             serde_json::to_vec(r.as_ref()).map_err(backend)?
         }
-        WriteOp::Update(r) => {
+        WriteOp::Update(r) | WriteOp::Append(r, _) => {
             queue = r
                 .next_retry_ms
                 .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
             serde_json::to_vec(r.as_ref()).map_err(backend)?
+        }
+        WriteOp::Appended(a) => {
+            let r = &a.head;
+            queue = r
+                .next_retry_ms
+                .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
+            tail = Some(serde_json::to_vec(&a.events).map_err(backend)?);
+            serde_json::to_vec(r).map_err(backend)?
         }
         WriteOp::State(_, value) => value.clone(),
     };
@@ -970,6 +1153,7 @@ fn encode(op: WriteOp) -> Result<Encoded, StorageError> {
         op,
         record,
         answer,
+        tail,
         day,
         queue,
         idem,
@@ -983,17 +1167,24 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 impl Encoded {
     /// `tag | record` (1: insert, 2: update), `| key | answer` for an insert with an
-    /// Idempotency-Key (tag 3), `tag 4 | key | value` for a state write; each part
-    /// length-prefixed.
+    /// Idempotency-Key (tag 3), `tag 4 | key | value` for a state write, `tag 5 | head |
+    /// events` for an appended update, its offset after the tag (4 bytes, little-endian); each
+    /// other part length-prefixed.
     fn write_payload(&self, out: &mut Vec<u8>) {
         match &self.op {
             WriteOp::Insert(_, None) => {
                 out.push(1);
                 put_bytes(out, &self.record);
             }
-            WriteOp::Update(_) => {
+            WriteOp::Update(_) | WriteOp::Append(..) => {
                 out.push(2);
                 put_bytes(out, &self.record);
+            }
+            WriteOp::Appended(a) => {
+                out.push(5);
+                out.extend_from_slice(&a.from.to_le_bytes());
+                put_bytes(out, &self.record);
+                put_bytes(out, self.tail.as_deref().unwrap_or(b"[]"));
             }
             WriteOp::Insert(_, Some((key, _))) => {
                 out.push(3);
@@ -1015,7 +1206,9 @@ fn decode(payload: &[u8]) -> Result<WriteOp, StorageError> {
     fn corrupt() -> StorageError {
         StorageError::Corrupt("write-ahead log record does not parse".into())
     }
-    let mut rest = payload.get(1..).ok_or_else(corrupt)?;
+    // An appended update's offset comes before its length-prefixed parts.
+    let parts = if payload.first() == Some(&5) { 5 } else { 1 };
+    let mut rest = payload.get(parts..).ok_or_else(corrupt)?;
     let mut take = || -> Result<&[u8], StorageError> {
         let len = u32::from_le_bytes(rest.get(..4).ok_or_else(corrupt)?.try_into().expect("4"));
         let bytes = rest.get(4..4 + len as usize).ok_or_else(corrupt)?;
@@ -1039,6 +1232,18 @@ fn decode(payload: &[u8]) -> Result<WriteOp, StorageError> {
         4 => {
             let key = text(take()?)?;
             WriteOp::State(key, take()?.to_vec())
+        }
+        5 => {
+            let from = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+            let head = record(take()?)?;
+            let events = serde_json::from_slice(take()?)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            WriteOp::Appended(Arc::new(Appended {
+                head,
+                from,
+                events,
+                whole: None,
+            }))
         }
         _ => return Err(corrupt()),
     })
@@ -1073,6 +1278,17 @@ fn replace_lead(
     Ok(())
 }
 
+/// Drops a lead's `LOG_TAIL` rows from offset `from` on.
+fn drop_tail(
+    tails: &mut redb::Table<(&str, u32), &[u8]>,
+    lead_id: &str,
+    from: u32,
+) -> Result<(), StorageError> {
+    tails
+        .retain_in((lead_id, from)..=(lead_id, u32::MAX), |_, _| false)
+        .map_err(backend)
+}
+
 /// Applies writes to redb in one transaction (and the log epoch, at a checkpoint). Applying
 /// a write again, as a replay (`replay`) may, gives the same tables; outside a replay an
 /// insert is a new lead id, with no earlier version to look up.
@@ -1091,21 +1307,40 @@ fn apply(
         let mut idem = txn.open_table(IDEMPOTENCY).map_err(backend)?;
         let mut pending = txn.open_table(PENDING).map_err(backend)?;
         let mut state = txn.open_table(STATE).map_err(backend)?;
+        let mut tails = txn.open_table(LOG_TAIL).map_err(backend)?;
         for write in writes {
             match &write.op {
                 WriteOp::Insert(r, _) => {
                     if replay {
                         // A replayed insert may find a newer version of its lead: its pending
-                        // entry goes, as the later update it is followed by puts it back.
+                        // entry and log rows go, as the later updates it is followed by put
+                        // them back.
                         replace_lead(&mut leads, &mut pending, r, &write.record)?;
+                        drop_tail(&mut tails, &r.lead_id, 0)?;
                     } else {
                         leads
                             .insert(r.lead_id.as_str(), write.record.as_slice())
                             .map_err(backend)?;
                     }
                 }
-                WriteOp::Update(r) => {
+                WriteOp::Update(r) | WriteOp::Append(r, _) => {
                     replace_lead(&mut leads, &mut pending, r, &write.record)?;
+                    drop_tail(&mut tails, &r.lead_id, 0)?;
+                }
+                WriteOp::Appended(a) => {
+                    let r = &a.head;
+                    replace_lead(&mut leads, &mut pending, r, &write.record)?;
+                    // Rows from `from` on are this write's (or, in a replay, later ones',
+                    // which the replay writes again after it).
+                    drop_tail(&mut tails, &r.lead_id, a.from)?;
+                    if !a.events.is_empty() {
+                        tails
+                            .insert(
+                                (r.lead_id.as_str(), a.from),
+                                write.tail.as_deref().unwrap_or(b"[]"),
+                            )
+                            .map_err(backend)?;
+                    }
                 }
                 WriteOp::State(key, _) => {
                     state
@@ -1142,24 +1377,67 @@ enum Found {
 
 fn read_found(
     found: BTreeMap<String, Found>,
-    leads: &redb::ReadOnlyTable<&str, &[u8]>,
+    txn: &redb::ReadTransaction,
     limit: usize,
 ) -> Result<Vec<LeadRecord>, StorageError> {
     let mut out = Vec::with_capacity(found.len().min(limit));
+    let mut tables = None;
     for (_, lead) in found.into_iter().take(limit) {
         match lead {
-            Found::Overlay(write) => match &write.op {
-                WriteOp::Insert(r, _) | WriteOp::Update(r) => out.push(LeadRecord::clone(r)),
-                WriteOp::State(..) => {}
-            },
+            Found::Overlay(write) => out.extend(write.op.lead().cloned()),
             Found::Table(lead_id) => {
-                if let Some(bytes) = leads.get(lead_id.as_str()).map_err(backend)? {
-                    out.push(serde_json::from_slice(bytes.value()).map_err(corrupt)?);
-                }
+                let tables = match &mut tables {
+                    Some(tables) => tables,
+                    None => tables.insert(LeadTables::open(txn)?),
+                };
+                out.extend(tables.lead(&lead_id)?);
             }
         }
     }
     Ok(out)
+}
+
+/// The tables a lead is read from, in one snapshot.
+struct LeadTables {
+    leads: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    tails: redb::ReadOnlyTable<(&'static str, u32), &'static [u8]>,
+}
+
+impl LeadTables {
+    fn open(txn: &redb::ReadTransaction) -> Result<LeadTables, StorageError> {
+        Ok(LeadTables {
+            leads: txn.open_table(LEADS).map_err(backend)?,
+            tails: txn.open_table(LOG_TAIL).map_err(backend)?,
+        })
+    }
+
+    /// The lead with its whole log: the events its record holds, then its `LOG_TAIL` rows.
+    fn lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
+        let Some(bytes) = self.leads.get(lead_id).map_err(backend)? else {
+            return Ok(None);
+        };
+        let mut record: LeadRecord = serde_json::from_slice(bytes.value()).map_err(corrupt)?;
+        for row in self
+            .tails
+            .range((lead_id, 0)..=(lead_id, u32::MAX))
+            .map_err(backend)?
+        {
+            let (key, events) = row.map_err(backend)?;
+            if key.value().1 as usize != record.auction_log.len() {
+                // Not written so: read on, as every event stored is worth having.
+                tracing::warn!(
+                    lead_id,
+                    offset = key.value().1,
+                    events = record.auction_log.len(),
+                    "auction log rows out of step"
+                );
+            }
+            let events: Vec<AuctionEvent> =
+                serde_json::from_slice(events.value()).map_err(corrupt)?;
+            record.auction_log.extend(events);
+        }
+        Ok(Some(record))
+    }
 }
 
 impl EmbeddedStore {
@@ -1186,6 +1464,15 @@ impl LeadStore for EmbeddedStore {
         self.write(WriteOp::Update(Arc::new(record))).await
     }
 
+    async fn update_lead_appended(
+        &self,
+        record: LeadRecord,
+        stored_log_len: usize,
+    ) -> Result<(), StorageError> {
+        self.write(WriteOp::Append(Arc::new(record), stored_log_len))
+            .await
+    }
+
     async fn pending_due_after(
         &self,
         campaign_id: &str,
@@ -1201,11 +1488,10 @@ impl LeadStore for EmbeddedStore {
         };
         let end = Bound::Excluded(pending_key(campaign_id, due_ms, "\u{7f}"));
         let mut found = BTreeMap::new();
-        let (_txn, leads) = {
+        let txn = {
             let overlay = self.overlay();
             let txn = db.begin_read().map_err(backend)?;
             let queue = txn.open_table(PENDING).map_err(backend)?;
-            let leads = txn.open_table(LEADS).map_err(backend)?;
             // A key of the overlay counts while its lead's newest version is due then.
             for (key, _) in overlay.pending.range((start.clone(), end.clone())) {
                 if let Some(record) = overlay.lead(lead_of(key))
@@ -1240,9 +1526,9 @@ impl LeadStore for EmbeddedStore {
                 found.insert(key.to_owned(), Found::Table(lead_id.to_owned()));
                 from_table += 1;
             }
-            (txn, leads)
+            txn
         };
-        read_found(found, &leads, limit)
+        read_found(found, &txn, limit)
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
@@ -1266,13 +1552,7 @@ impl LeadStore for EmbeddedStore {
             return Ok(Some(record.clone()));
         }
         let txn = db.begin_read().map_err(backend)?;
-        let table = txn.open_table(LEADS).map_err(backend)?;
-        match table.get(lead_id).map_err(backend)? {
-            Some(bytes) => serde_json::from_slice(bytes.value())
-                .map(Some)
-                .map_err(corrupt),
-            None => Ok(None),
-        }
+        LeadTables::open(&txn)?.lead(lead_id)
     }
 
     async fn get_idempotent(
@@ -1318,11 +1598,10 @@ impl LeadStore for EmbeddedStore {
             None => prefix.clone(),
         };
         let mut found = BTreeMap::new();
-        let (_txn, leads) = {
+        let txn = {
             let overlay = self.overlay();
             let txn = db.begin_read().map_err(backend)?;
             let index = txn.open_table(SUPPLIER_DAY).map_err(backend)?;
-            let leads = txn.open_table(LEADS).map_err(backend)?;
             let newest = |lead_id: &str| match overlay.leads.get(lead_id) {
                 Some((_, write)) => Found::Overlay(write.clone()),
                 None => Found::Table(lead_id.to_owned()),
@@ -1350,9 +1629,9 @@ impl LeadStore for EmbeddedStore {
                 found.insert(key.to_owned(), newest(lead_id));
                 from_table += 1;
             }
-            (txn, leads)
+            txn
         };
-        read_found(found, &leads, limit)
+        read_found(found, &txn, limit)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
@@ -1792,6 +2071,189 @@ mod tests {
             ids(&store.pending_due("acme-auto", 1_000, 10).await.unwrap()),
             ["A"]
         );
+        store.close().await.unwrap();
+    }
+
+    fn event(i: usize) -> AuctionEvent {
+        AuctionEvent::Ping {
+            buyer: format!("buyer-{}", i % 7),
+            outcome: "no_bid".to_owned(),
+            bid_cents: None,
+            latency_us: i as u64,
+        }
+    }
+
+    /// A pending lead whose log has `events` events.
+    fn logged(lead_id: &str, events: usize) -> LeadRecord {
+        LeadRecord {
+            auction_log: (0..events).map(event).collect(),
+            ..pending(lead_id, Some(100))
+        }
+    }
+
+    fn tail_rows(store: &EmbeddedStore, lead_id: &str) -> Vec<u32> {
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let tails = txn.open_table(LOG_TAIL).unwrap();
+        tails
+            .range((lead_id, 0)..=(lead_id, u32::MAX))
+            .unwrap()
+            .map(|row| row.unwrap().0.value().1)
+            .collect()
+    }
+
+    /// The lead's record as its `LEADS` row holds it (its inline log only).
+    fn head_row(store: &EmbeddedStore, lead_id: &str) -> LeadRecord {
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let leads = txn.open_table(LEADS).unwrap();
+        serde_json::from_slice(leads.get(lead_id).unwrap().unwrap().value()).unwrap()
+    }
+
+    async fn applied(store: &EmbeddedStore) {
+        let started = Instant::now();
+        while store.overlay().len() > 0 && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(store.overlay().len(), 0, "applied within 10 s");
+    }
+
+    #[tokio::test]
+    async fn a_re_auction_logs_only_the_events_it_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = unapplied(dir.path());
+        let mut lead = logged("A", 3);
+        store
+            .insert_lead(Arc::new(lead.clone()), None)
+            .await
+            .unwrap();
+        let mut sizes = Vec::new();
+        for round in 0..40 {
+            let stored = lead.auction_log.len();
+            lead.next_retry_ms = Some(200 + round);
+            lead.auction_log.extend((0..5).map(|i| event(100 + i)));
+            store
+                .update_lead_appended(lead.clone(), stored)
+                .await
+                .unwrap();
+            assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+            let overlay = store.overlay();
+            let write = &overlay.leads["A"].1;
+            assert!(matches!(&write.op, WriteOp::Appended(a) if a.from as usize == stored));
+            let mut payload = Vec::new();
+            write.write_payload(&mut payload);
+            sizes.push(payload.len());
+        }
+        // Each round logs its head and five events, whatever the log's length (203 events).
+        let whole = serde_json::to_vec(&lead).unwrap().len();
+        assert!(sizes[39] <= sizes[0] + 16, "{sizes:?}");
+        assert!(sizes[39] * 10 < whole, "{} of {whole}", sizes[39]);
+        // A stored length that is not the stored log's is written whole.
+        let stored = lead.auction_log.len() - 1;
+        lead.auction_log.push(event(500));
+        store
+            .update_lead_appended(lead.clone(), stored)
+            .await
+            .unwrap();
+        assert!(matches!(
+            &store.overlay().leads["A"].1.op,
+            WriteOp::Update(_)
+        ));
+        assert_eq!(store.get_lead("A").await.unwrap(), Some(lead));
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn appended_logs_are_rows_of_their_own_in_the_tables_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lead = logged("A", 3);
+        {
+            let store = applying_every_10ms(dir.path());
+            store
+                .insert_lead(Arc::new(lead.clone()), None)
+                .await
+                .unwrap();
+            for round in 0..30 {
+                if round % 10 == 5 {
+                    // Some rounds find the lead in the tables, others in the overlay.
+                    applied(&store).await;
+                }
+                let stored = lead.auction_log.len();
+                lead.auction_log
+                    .extend((0..4).map(|i| event(round * 4 + i)));
+                store
+                    .update_lead_appended(lead.clone(), stored)
+                    .await
+                    .unwrap();
+            }
+            applied(&store).await;
+            assert_eq!(head_row(&store, "A").auction_log.len(), 3);
+            assert_eq!(
+                tail_rows(&store, "A"),
+                (0..30).map(|r| 3 + r * 4).collect::<Vec<u32>>()
+            );
+            assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+            store.close().await.unwrap();
+        }
+        let store = applying_every_10ms(dir.path());
+        assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        assert_eq!(
+            store.pending_due("acme-auto", 1_000, 10).await.unwrap(),
+            vec![lead.clone()]
+        );
+        // A whole update (a shorter log) leaves no rows behind.
+        lead.auction_log.truncate(5);
+        store.update_lead(lead.clone()).await.unwrap();
+        applied(&store).await;
+        assert!(tail_rows(&store, "A").is_empty());
+        assert_eq!(store.get_lead("A").await.unwrap(), Some(lead));
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn appended_writes_replayed_from_the_log_give_the_whole_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = |n| Arc::new(logged("C", n));
+        let ops = vec![
+            WriteOp::Insert(whole(2), None),
+            WriteOp::Appended(Arc::new(Appended::of(whole(5), 2, 2))),
+            WriteOp::Appended(Arc::new(Appended::of(whole(5), 2, 5))),
+            WriteOp::Appended(Arc::new(Appended::of(whole(9), 2, 5))),
+        ];
+        // Read back from the log as a replay reads it: no whole record.
+        for op in &ops {
+            let mut payload = Vec::new();
+            encode(op.clone()).unwrap().write_payload(&mut payload);
+            let read = decode(&payload).unwrap();
+            assert_eq!(read.lead_id(), Some("C"));
+            assert_eq!(read.shape(), op.shape());
+        }
+        {
+            let store = EmbeddedStore::open(dir.path(), 64).unwrap();
+            store.close().await.unwrap();
+        }
+        // Replayed once onto tables without the lead, and again over tables that hold it.
+        log_with(dir.path(), 2, &ops);
+        let store = EmbeddedStore::open(dir.path(), 64).unwrap();
+        assert_eq!(store.get_lead("C").await.unwrap(), Some(logged("C", 9)));
+        store.close().await.unwrap();
+        let db = Database::create(dir.path().join("leadex.redb")).unwrap();
+        let epoch = {
+            let txn = db.begin_read().unwrap();
+            let state = txn.open_table(STATE).unwrap();
+            u64::from_le_bytes(
+                state
+                    .get(WAL_EPOCH)
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .try_into()
+                    .unwrap(),
+            )
+        };
+        drop(db);
+        log_with(dir.path(), epoch, &ops);
+        let store = EmbeddedStore::open(dir.path(), 64).unwrap();
+        assert_eq!(store.get_lead("C").await.unwrap(), Some(logged("C", 9)));
+        assert_eq!(tail_rows(&store, "C"), [2, 5]);
         store.close().await.unwrap();
     }
 }
