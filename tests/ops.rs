@@ -270,7 +270,7 @@ fn promtool_accepts_the_config_and_rules_and_every_alert_unit_test_passes() {
     let config = promtool(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("SUCCESS"), "{config}");
     let rules = promtool(&["check", "rules", "alerts.yml"]);
-    assert!(rules.contains("SUCCESS: 9 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 10 rules found"), "{rules}");
     let tests = promtool(&["test", "rules", "alerts_test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
 
@@ -283,7 +283,7 @@ fn promtool_accepts_the_config_and_rules_and_every_alert_unit_test_passes() {
             "alert {alert} has no promtool unit test in which it fires"
         );
     }
-    assert_eq!(alerts.len(), 9, "{alerts:?}");
+    assert_eq!(alerts.len(), 10, "{alerts:?}");
 }
 
 /// `alert:` names of alerts.yml.
@@ -896,7 +896,7 @@ async fn prometheus_scrapes_leads_total_by_campaign_and_outcome() {
         .as_array()
         .unwrap()
         .len();
-    assert_eq!(loaded, 9, "{rules}");
+    assert_eq!(loaded, 10, "{rules}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -109,20 +109,41 @@ impl SpillingStore {
         self.spill.lock().await.entries.len()
     }
 
-    /// Offers the spilled sales to storage, oldest first, until one fails; returns how many
-    /// were stored. The entries are copied out a batch at a time and written without the
-    /// spill's lock, so reads go on meanwhile.
+    /// Offers the spilled sales to storage, oldest first; returns how many were stored. After
+    /// a refusal storage is pinged: if it does not answer, the replay ends and the sales stay
+    /// in order. If it answers, the replay goes on, so a sale storage will not take for itself
+    /// (too large, say) cannot hold up the ones behind it: at the end of a batch in which some
+    /// were stored, those refused move behind the others and are offered again at the next
+    /// replay. A batch in which none was stored ends the replay, in order. The entries are
+    /// copied out a batch at a time and written without the spill's lock, so reads go on.
     pub async fn replay(&self) -> Result<usize, StorageError> {
         let _only = self.replaying.lock().await;
         let mut stored_total = 0;
-        loop {
+        // Each sale is offered once a replay: those moved behind are not offered again.
+        let mut left = self.spill.lock().await.entries.len();
+        let mut last_error = None;
+        while left > 0 {
             let batch: Vec<Spilled> = {
                 let spill = self.spill.lock().await;
-                spill.entries.iter().take(REPLAY_BATCH).cloned().collect()
+                let take = REPLAY_BATCH.min(left).min(spill.entries.len());
+                spill.entries[..take].to_vec()
             };
-            let mut stored = 0;
-            let mut failure = None;
-            for entry in &batch {
+            if batch.is_empty() {
+                break;
+            }
+            left -= batch.len();
+            let mut stored = vec![false; batch.len()];
+            let mut down = false;
+            for (i, entry) in batch.iter().enumerate() {
+                // A later version of a lead whose sale was refused stays behind it.
+                let lead_id = &entry.record.lead_id;
+                if batch[..i]
+                    .iter()
+                    .zip(&stored)
+                    .any(|(e, stored)| !stored && &e.record.lead_id == lead_id)
+                {
+                    continue;
+                }
                 let stored_now = if entry.update {
                     self.inner.update_lead(entry.record.clone()).await
                 } else {
@@ -131,33 +152,60 @@ impl SpillingStore {
                         .await
                 };
                 match stored_now {
-                    Ok(()) => stored += 1,
+                    Ok(()) => stored[i] = true,
                     Err(e) => {
-                        failure = Some(e);
-                        break;
+                        tracing::debug!(lead_id = %lead_id, error = %e, "spilled sale refused");
+                        last_error = Some(e);
+                        if self.inner.ping().await.is_err() {
+                            down = true;
+                            break;
+                        }
                     }
                 }
             }
-            if stored > 0 {
-                // Only a replay takes entries off the front, so these are the ones written.
+            let Some(last_stored) = stored.iter().rposition(|s| *s) else {
+                break;
+            };
+            let count = stored.iter().filter(|s| **s).count();
+            {
+                // Only a replay takes entries off the front, so these are the batch's.
                 let mut spill = self.spill.lock().await;
-                spill.entries.drain(..stored);
-                rewrite(&spill.path, &spill.entries)?;
-                metrics::counter!(telemetry::STORAGE_SPILL_REPLAYED_TOTAL).increment(stored as u64);
-                metrics::gauge!(telemetry::STORAGE_SPILL_PENDING).set(spill.entries.len() as f64);
-                tracing::info!(stored, left = spill.entries.len(), "spilled sales stored");
-            }
-            stored_total += stored;
-            if let Some(e) = failure {
-                return if stored_total == 0 {
-                    Err(e)
+                let rest = spill.entries.split_off(batch.len());
+                let front = std::mem::replace(&mut spill.entries, rest);
+                let mut kept = Vec::new();
+                for (i, (entry, stored)) in front.into_iter().zip(&stored).enumerate() {
+                    if *stored {
+                        continue;
+                    }
+                    if i < last_stored {
+                        tracing::error!(lead_id = %entry.record.lead_id, error = %last_error.as_ref().map(ToString::to_string).unwrap_or_default(), "storage refuses a spilled sale while it takes others; it stays in the spill and is offered again");
+                    }
+                    kept.push(entry);
+                }
+                if down {
+                    // What was not stored stays in front, in order.
+                    kept.append(&mut spill.entries);
+                    spill.entries = kept;
                 } else {
-                    Ok(stored_total)
-                };
+                    spill.entries.append(&mut kept);
+                }
+                rewrite(&spill.path, &spill.entries)?;
+                metrics::counter!(telemetry::STORAGE_SPILL_REPLAYED_TOTAL).increment(count as u64);
+                metrics::gauge!(telemetry::STORAGE_SPILL_PENDING).set(spill.entries.len() as f64);
+                tracing::info!(
+                    stored = count,
+                    left = spill.entries.len(),
+                    "spilled sales stored"
+                );
             }
-            if batch.len() < REPLAY_BATCH {
-                return Ok(stored_total);
+            stored_total += count;
+            if down {
+                break;
             }
+        }
+        match last_error {
+            Some(e) if stored_total == 0 => Err(e),
+            _ => Ok(stored_total),
         }
     }
 
@@ -418,19 +466,37 @@ mod tests {
     use super::*;
     use crate::storage::embedded::EmbeddedStore;
 
-    /// The embedded store, whose writes fail while `failing` is set (reads still answer).
+    /// The embedded store, whose writes fail while `failing` is set (reads still answer, its
+    /// ping does not), and which never takes the leads in `refused`.
     struct Flaky {
         inner: EmbeddedStore,
         failing: AtomicBool,
+        refused: std::sync::Mutex<Vec<String>>,
     }
 
     impl Flaky {
-        fn refuse(&self) -> Result<(), StorageError> {
+        fn new(dir: &Path) -> Arc<Flaky> {
+            Arc::new(Flaky {
+                inner: EmbeddedStore::open(&dir.join("data"), 64).unwrap(),
+                failing: AtomicBool::new(false),
+                refused: Default::default(),
+            })
+        }
+
+        fn down(&self) -> Result<(), StorageError> {
             if self.failing.load(Ordering::Acquire) {
                 Err(StorageError::Backend("writes refused".into()))
             } else {
                 Ok(())
             }
+        }
+
+        fn refuse(&self, lead_id: &str) -> Result<(), StorageError> {
+            self.down()?;
+            if self.refused.lock().unwrap().iter().any(|id| id == lead_id) {
+                return Err(StorageError::Backend(format!("{lead_id} is too large")));
+            }
+            Ok(())
         }
     }
 
@@ -441,14 +507,14 @@ mod tests {
             record: Arc<LeadRecord>,
             idempotency: Option<(String, IdempotentAnswer)>,
         ) -> Result<(), StorageError> {
-            self.refuse()?;
+            self.refuse(&record.lead_id)?;
             self.inner.insert_lead(record, idempotency).await
         }
         async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
             self.inner.get_lead(lead_id).await
         }
         async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-            self.refuse()?;
+            self.refuse(&record.lead_id)?;
             self.inner.update_lead(record).await
         }
         async fn pending_due_after(
@@ -488,6 +554,7 @@ mod tests {
                 .await
         }
         async fn ping(&self) -> Result<(), StorageError> {
+            self.down()?;
             self.inner.ping().await
         }
         async fn close(&self) -> Result<(), StorageError> {
@@ -514,10 +581,7 @@ mod tests {
     #[tokio::test]
     async fn a_pending_lead_that_sells_when_storage_refuses_is_spilled_and_no_longer_due() {
         let dir = tempfile::tempdir().unwrap();
-        let flaky = Arc::new(Flaky {
-            inner: EmbeddedStore::open(&dir.path().join("data"), 64).unwrap(),
-            failing: AtomicBool::new(false),
-        });
+        let flaky = Flaky::new(dir.path());
         let store =
             SpillingStore::open(flaky.clone(), &dir.path().join("spill.jsonl"), 10).unwrap();
         store
@@ -574,6 +638,64 @@ mod tests {
                 .len(),
             1
         );
+        store.close().await.unwrap();
+    }
+
+    fn sold(lead_id: &str) -> LeadRecord {
+        LeadRecord {
+            status: LeadStatus::Sold,
+            price_cents: 1500,
+            buyer_ids: vec!["buyer-a".into()],
+            next_retry_ms: None,
+            ..pending(lead_id)
+        }
+    }
+
+    async fn spilled_ids(store: &SpillingStore) -> Vec<String> {
+        let spill = store.spill.lock().await;
+        spill
+            .entries
+            .iter()
+            .map(|e| e.record.lead_id.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_sale_storage_will_not_take_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Flaky::new(dir.path());
+        let path = dir.path().join("spill.jsonl");
+        let store = SpillingStore::open(flaky.clone(), &path, 10).unwrap();
+        flaky.failing.store(true, Ordering::Release);
+        for id in ["S1", "S2", "S3", "S4"] {
+            store
+                .insert_lead(Arc::new(sold(id)), None)
+                .await
+                .expect("spilled");
+        }
+        // Storage down (its ping fails too): nothing moves, and one refusal ends the replay.
+        assert!(store.replay().await.is_err());
+        assert_eq!(spilled_ids(&store).await, ["S1", "S2", "S3", "S4"]);
+
+        // Storage back, but it will never take S1 and S2: S3 and S4 are stored behind them.
+        flaky.failing.store(false, Ordering::Release);
+        *flaky.refused.lock().unwrap() = vec!["S1".into(), "S2".into()];
+        assert_eq!(store.replay().await.unwrap(), 2);
+        assert_eq!(spilled_ids(&store).await, ["S1", "S2"]);
+        for id in ["S3", "S4"] {
+            assert_eq!(flaky.get_lead(id).await.unwrap(), Some(sold(id)));
+        }
+        assert_eq!(flaky.get_lead("S1").await.unwrap(), None);
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(file.lines().count(), 2);
+        assert!(file.contains("\"S1\"") && file.contains("\"S2\"") && !file.contains("\"S3\""));
+        // Offered again at each replay, kept while refused.
+        assert!(store.replay().await.is_err());
+        assert_eq!(spilled_ids(&store).await, ["S1", "S2"]);
+        flaky.refused.lock().unwrap().clear();
+        assert_eq!(store.replay().await.unwrap(), 2);
+        assert!(spilled_ids(&store).await.is_empty());
+        assert_eq!(flaky.get_lead("S1").await.unwrap(), Some(sold("S1")));
         store.close().await.unwrap();
     }
 }
