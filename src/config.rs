@@ -50,6 +50,17 @@ pub struct Config {
     pub campaigns: Vec<CampaignConfig>,
     #[serde(default)]
     pub buyers: Vec<BuyerConfig>,
+    #[serde(default)]
+    pub ops: OpsConfig,
+}
+
+/// Operators' access to the node (`GET /ops/leads/{id}`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// sha-256 (hex) of each operator token; none: the operators' routes are off (404).
+    #[serde(default)]
+    pub token_sha256: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -911,18 +922,13 @@ impl Config {
                 ));
             }
             for hash in &supplier.api_key_sha256 {
-                let h = hash.get_ref();
-                if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-                    problems.push(format!(
-                        "suppliers.api_key_sha256 (line {}): `{h}` is not a hex sha-256 (64 hex digits; see `leadex hash-key`)",
-                        at(hash)
-                    ));
-                } else if !key_hashes.insert(h.to_ascii_lowercase()) {
-                    problems.push(format!(
-                        "suppliers.api_key_sha256 (line {}): the same key is given twice",
-                        at(hash)
-                    ));
-                }
+                problems.extend(key_hash_problem(
+                    "suppliers.api_key_sha256",
+                    hash.get_ref(),
+                    at(hash),
+                    &mut key_hashes,
+                    "the same key is given twice",
+                ));
             }
             if let Some(rl) = &supplier.rate_limit
                 && (rl.requests == 0 || rl.window_secs == Some(0))
@@ -953,6 +959,15 @@ impl Config {
                 )),
                 (None, None) => {}
             }
+        }
+        for hash in &self.ops.token_sha256 {
+            problems.extend(key_hash_problem(
+                "ops.token_sha256",
+                hash.get_ref(),
+                at(hash),
+                &mut key_hashes,
+                "given twice, or also a supplier's API key (an operator token must be its own)",
+            ));
         }
 
         let mut campaign_ids = HashSet::new();
@@ -1176,6 +1191,26 @@ impl Config {
     }
 }
 
+/// What is wrong with `hash`, a key's sha-256 given as `key` on `line`: not 64 hex digits, or
+/// one of `seen` (`twice` says so); a good one joins `seen`.
+fn key_hash_problem(
+    key: &str,
+    hash: &str,
+    line: usize,
+    seen: &mut HashSet<String>,
+    twice: &str,
+) -> Option<String> {
+    if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        Some(format!(
+            "{key} (line {line}): `{hash}` is not a hex sha-256 (64 hex digits; see `leadex hash-key`)"
+        ))
+    } else if !seen.insert(hash.to_ascii_lowercase()) {
+        Some(format!("{key} (line {line}): {twice}"))
+    } else {
+        None
+    }
+}
+
 fn at_id(source: &str, buyer: &BuyerConfig) -> usize {
     line_of(source, buyer.id.span().start)
 }
@@ -1341,6 +1376,21 @@ post_url = "http://127.0.0.1:9001/post"
             config.buyers[0].reply_mapping().accept_value.as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn operator_tokens_are_hashes_of_their_own() {
+        let ok = format!("{BASE}\n[ops]\ntoken_sha256 = [\"{}\"]\n", "ab".repeat(32));
+        assert_eq!(Config::from_toml(&ok).unwrap().ops.token_sha256.len(), 1);
+        let supplier_key = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let text = format!("{BASE}\n[ops]\ntoken_sha256 = [\"{supplier_key}\", \"nope\"]\n");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        for expected in [
+            "ops.token_sha256 (line 26): given twice, or also a supplier's API key",
+            "ops.token_sha256 (line 26): `nope` is not a hex sha-256",
+        ] {
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]

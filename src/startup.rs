@@ -260,6 +260,22 @@ impl Application {
                 .iter()
                 .filter_map(|p| crate::config::parse_proxy(p))
                 .collect(),
+            ops_tokens: config
+                .ops
+                .token_sha256
+                .iter()
+                .filter_map(|hash| {
+                    let mut bytes = [0u8; 32];
+                    hex::decode_to_slice(hash.get_ref().to_ascii_lowercase(), &mut bytes)
+                        .ok()
+                        .map(|()| bytes)
+                })
+                .collect(),
+            personal_fields: config
+                .campaigns
+                .iter()
+                .map(|c| (c.id.get_ref().clone(), c.personal_fields.clone()))
+                .collect(),
         });
 
         let workers = if config.server.workers == 0 {

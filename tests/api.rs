@@ -195,12 +195,7 @@ async fn pings_carry_no_personal_field() {
 
 #[actix_web::test]
 async fn refused_post_falls_back_to_the_next_bid() {
-    let refuser = sim_with(Behaviour {
-        bid: BidSpec::parse("50").unwrap(),
-        ping_latency_ms: (0, 0),
-        post_latency_ms: (0, 0),
-        reject_rate: 1.0,
-    });
+    let refuser = refusing_sim("50");
     let second = sim("40", 5);
     let third = sim("30", 5);
     let buyers = ping_buyer("refuser", &refuser, "")
@@ -474,6 +469,77 @@ async fn a_post_that_cannot_be_delivered_falls_back_and_its_cause_is_in_the_auct
     assert_eq!(outcome, "transport_error");
     let reason = reason.unwrap_or_default();
     assert!(reason.contains("Connection refused"), "{reason}");
+    app.stop().await;
+}
+
+const OPS_TOKEN: &str = "test-operator-token";
+
+#[actix_web::test]
+async fn operators_read_a_leads_whole_auction_log_without_its_personal_fields() {
+    let refuser = refusing_sim("50");
+    let second = sim("40", 0);
+    let buyers = ping_buyer("refuser", &refuser, "") + &ping_buyer("second", &second, "");
+    let text = config(&data_dir(), "personal_fields = [\"city\"]", &buyers)
+        + &format!(
+            "\n[ops]\ntoken_sha256 = [\"{}\"]\n",
+            leadex::startup::hash_key(OPS_TOKEN)
+        );
+    let app = TestApp::spawn(&text).await;
+    let mut sent = lead();
+    sent["address"] = json!("1 Main St");
+    sent["city"] = json!("Austin");
+    sent["homeowner"] = json!("yes");
+    let (_, body) = app.post_lead(&sent).await;
+    assert_eq!(body["status"], "sold", "{body}");
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+    let (status, view) = app.get_ops_lead(Some(OPS_TOKEN), &lead_id).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["lead_id"], lead_id.as_str());
+    assert_eq!(view["supplier_id"], "sup-1");
+    assert_eq!(view["campaign"], "acme-auto");
+    assert_eq!(view["status"], "sold");
+    assert_eq!(view["price"], json!(40.0));
+    assert_eq!(view["buyer_ids"], json!(["second"]));
+    // Every ping with its bid, and both posts: the refusal, then the sale to the next bid.
+    let log = view["auction_log"].as_array().unwrap();
+    let event = |kind: &str, buyer: &str| {
+        log.iter()
+            .find(|e| e["event"] == kind && e["buyer"] == buyer)
+            .unwrap_or_else(|| panic!("no {kind} of {buyer} in {view}"))
+            .clone()
+    };
+    assert_eq!(event("ping", "refuser")["bid_cents"], 5000);
+    assert_eq!(event("ping", "second")["bid_cents"], 4000);
+    assert_eq!(event("post", "refuser")["outcome"], "rejected");
+    assert_eq!(event("post", "second")["outcome"], "accepted");
+    assert_eq!(log.len(), 4, "{view}");
+    let fields = view["fields"].as_object().unwrap();
+    for personal in ["firstName", "lastName", "email", "phone", "address", "city"] {
+        assert!(!fields.contains_key(personal), "{personal} in {view}");
+    }
+    assert_eq!(fields["state"], "TX");
+    assert_eq!(fields["homeowner"], "yes");
+
+    // A supplier's key is not an operator token; no token, no view; an unknown lead is a 404.
+    for token in [Some(KEY), None] {
+        let (status, error) = app.get_ops_lead(token, &lead_id).await;
+        assert_eq!(
+            (status, error["error"].as_str()),
+            (401, Some("Invalid API Key"))
+        );
+    }
+    let (status, error) = app
+        .get_ops_lead(Some(OPS_TOKEN), "01KNOSUCHLEAD0000000000000")
+        .await;
+    assert_eq!((status, error["error"].as_str()), (404, Some("Not found")));
+    app.stop().await;
+
+    // Without `[ops]` the route is off.
+    let app = TestApp::spawn(&config(&data_dir(), "", &buyers)).await;
+    let (_, body) = app.post_lead(&lead()).await;
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+    let (status, _) = app.get_ops_lead(Some(OPS_TOKEN), &lead_id).await;
+    assert_eq!(status, 404);
     app.stop().await;
 }
 

@@ -378,6 +378,14 @@ pub struct PingFields<'a> {
 }
 
 impl<'a> PingFields<'a> {
+    /// `fields` without the standard personal ones and `extra_personal`.
+    pub fn of(fields: &'a FieldMap, extra_personal: &'a [String]) -> PingFields<'a> {
+        PingFields {
+            fields,
+            extra_personal,
+        }
+    }
+
     fn fields(&self) -> impl Iterator<Item = (&'a String, &'a Value)> + '_ {
         self.fields.iter().filter(|(name, _)| {
             !PERSONAL_FIELDS.contains(&name.as_str())

@@ -67,6 +67,46 @@ pub fn status_answer(record: &LeadRecord) -> String {
     .expect("answer bodies always serialise")
 }
 
+#[derive(Serialize)]
+struct OperatorView<'a> {
+    success: bool,
+    lead_id: &'a str,
+    supplier_id: &'a str,
+    seller: &'a str,
+    campaign: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price: Option<WirePrice>,
+    buyer_ids: &'a [String],
+    created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_retry_at: Option<String>,
+    fields: crate::domain::lead::PingFields<'a>,
+    auction_log: &'a [crate::storage::AuctionEvent],
+}
+
+/// The `GET /ops/leads/{lead_id}` body: the stored lead with its whole auction log (events as
+/// stored: bids in cents, latencies in microseconds) and its fields without the personal ones
+/// (the standard ones and the campaign's `personal_fields`).
+pub fn operator_view(record: &LeadRecord, personal: &[String]) -> String {
+    serde_json::to_string(&OperatorView {
+        success: true,
+        lead_id: &record.lead_id,
+        supplier_id: &record.supplier_id,
+        seller: &record.seller,
+        campaign: &record.campaign_id,
+        status: record.status.as_str(),
+        price: (record.status == LeadStatus::Sold)
+            .then(|| WirePrice(Price::from_cents(record.price_cents))),
+        buyer_ids: &record.buyer_ids,
+        created_at: rfc3339_ms(record.created_at_ms),
+        next_retry_at: record.next_retry_ms.map(rfc3339_ms),
+        fields: crate::domain::lead::PingFields::of(&record.fields, personal),
+        auction_log: &record.auction_log,
+    })
+    .expect("answer bodies always serialise")
+}
+
 /// `2026-11-25T23:29:17.123Z` from Unix milliseconds (proleptic Gregorian, UTC).
 pub fn rfc3339_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

@@ -70,7 +70,9 @@ fn client_address(req: &HttpRequest, trusted: &[ipnet::IpNet]) -> String {
 /// Authentication, then the key's rate limit. Failed authentication is itself limited per
 /// client address; an address over that limit is refused before its key is even looked at,
 /// so a correct guess cannot be told apart.
-async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Caller, ApiError> {
+/// The caller's address as the failed-authentication limit keys it, or a 429 when that
+/// address is over the limit.
+async fn address_under_auth_limit(state: &AppState, req: &HttpRequest) -> Result<String, ApiError> {
     let address_key = format!("authfail:{}", client_address(req, &state.trusted_proxies));
     let failures = state
         .limiter
@@ -82,17 +84,42 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Caller, Api
             retry_after_secs: failures.retry_after_secs(),
         });
     }
-    let hash: [u8; 32] = match bearer_key(req) {
+    Ok(address_key)
+}
+
+/// Counts a failed authentication against the caller's address; the answer to give.
+async fn auth_failed(state: &AppState, address_key: &str) -> ApiError {
+    state
+        .limiter
+        .acquire(address_key, state.auth_failure_limit)
+        .await;
+    counter!(telemetry::AUTH_FAILURES_TOTAL).increment(1);
+    ApiError::InvalidApiKey
+}
+
+/// sha-256 of the bearer key (zeros without one, which no key hashes to).
+fn bearer_hash(req: &HttpRequest) -> [u8; 32] {
+    match bearer_key(req) {
         Some(key) => Sha256::digest(key.as_bytes()).into(),
         None => [0; 32],
-    };
+    }
+}
+
+/// Checks an operator's bearer token (`[ops] token_sha256`), under the same limit of failed
+/// authentications per address as suppliers' keys.
+pub async fn authenticate_operator(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    let address_key = address_under_auth_limit(state, req).await?;
+    if state.ops_tokens.contains(&bearer_hash(req)) {
+        return Ok(());
+    }
+    Err(auth_failed(state, &address_key).await)
+}
+
+async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Caller, ApiError> {
+    let address_key = address_under_auth_limit(state, req).await?;
+    let hash = bearer_hash(req);
     let Some(&supplier) = state.keys.get(&hash) else {
-        state
-            .limiter
-            .acquire(&address_key, state.auth_failure_limit)
-            .await;
-        counter!(telemetry::AUTH_FAILURES_TOTAL).increment(1);
-        return Err(ApiError::InvalidApiKey);
+        return Err(auth_failed(state, &address_key).await);
     };
     let started = std::time::Instant::now();
     let decision = state
@@ -156,7 +183,7 @@ pub async fn method_not_allowed(req: HttpRequest, state: web::Data<AppState>) ->
     with_caller(&state, &req, |_| async { Err(ApiError::MethodNotAllowed) }).await
 }
 
-fn ok_json(body: String) -> HttpResponse {
+pub(crate) fn ok_json(body: String) -> HttpResponse {
     HttpResponse::build(StatusCode::OK)
         .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))
         .body(body)

@@ -4,6 +4,7 @@
 pub mod dto;
 pub mod errors;
 pub mod leads;
+pub mod ops;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -67,6 +68,10 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Peers whose `X-Forwarded-For` is believed (the load balancers).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// sha-256 of each operator token (`[ops] token_sha256`); empty: `/ops/` routes are off.
+    pub ops_tokens: HashSet<[u8; 32]>,
+    /// Campaign id -> the fields it keeps out of pings besides the standard personal ones.
+    pub personal_fields: HashMap<String, Vec<String>>,
 }
 
 impl AppState {
@@ -197,6 +202,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/readyz")
             .route(web::get().to(readyz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/ops/leads/{lead_id}")
+            .route(web::get().to(ops::lead))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

@@ -88,6 +88,16 @@ pub fn sim(bid: &str, latency_ms: u64) -> BuyerSim {
     })
 }
 
+/// A buyer that bids `bid` at once and refuses every post.
+pub fn refusing_sim(bid: &str) -> BuyerSim {
+    sim_with(Behaviour {
+        bid: BidSpec::parse(bid).unwrap(),
+        ping_latency_ms: (0, 0),
+        post_latency_ms: (0, 0),
+        reject_rate: 1.0,
+    })
+}
+
 pub fn sim_with(behaviour: Behaviour) -> BuyerSim {
     BuyerSim::start("127.0.0.1:0", behaviour, 1).expect("buyer simulator")
 }
@@ -364,6 +374,17 @@ impl TestApp {
             .send()
             .await
             .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// `GET /ops/leads/{lead_id}` with `token` as the bearer, if any.
+    pub async fn get_ops_lead(&self, token: Option<&str>, lead_id: &str) -> (u16, Value) {
+        let mut request = self.client.get(self.url(&format!("/ops/leads/{lead_id}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap())
     }
