@@ -475,7 +475,7 @@ async fn a_post_that_cannot_be_delivered_falls_back_and_its_cause_is_in_the_auct
 const OPS_TOKEN: &str = "test-operator-token";
 
 #[actix_web::test]
-async fn operators_read_a_leads_whole_auction_log_without_its_personal_fields() {
+async fn operators_read_a_leads_auction_log_and_a_suppliers_leads_of_a_day() {
     let refuser = refusing_sim("50");
     let second = sim("40", 0);
     let buyers = ping_buyer("refuser", &refuser, "") + &ping_buyer("second", &second, "");
@@ -532,6 +532,62 @@ async fn operators_read_a_leads_whole_auction_log_without_its_personal_fields() 
         .get_ops_lead(Some(OPS_TOKEN), "01KNOSUCHLEAD0000000000000")
         .await;
     assert_eq!((status, error["error"].as_str()), (404, Some("Not found")));
+
+    // The supplier's leads of the day, a page at a time, oldest first.
+    let (_, second_lead) = app.post_lead(&lead()).await;
+    let day = &view["created_at"].as_str().unwrap()[..10];
+    let running = &app;
+    let list = |query: String| async move {
+        running
+            .get_ops(
+                Some(OPS_TOKEN),
+                &format!("/ops/suppliers/sup-1/leads?{query}"),
+            )
+            .await
+    };
+    let mut listed = Vec::new();
+    let mut after = String::new();
+    for _ in 0..3 {
+        let (status, page) = list(format!("day={day}&limit=1&after={after}")).await;
+        assert_eq!(status, 200, "{page}");
+        let leads = page["leads"].as_array().unwrap();
+        listed.extend(
+            leads
+                .iter()
+                .map(|l| l["lead_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_after"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(
+        listed,
+        [lead_id.as_str(), second_lead["lead_id"].as_str().unwrap()]
+    );
+    let (_, page) = list(format!("day={day}")).await;
+    assert_eq!(page["leads"][0]["status"], "sold");
+    assert_eq!(page["leads"][0]["price"], json!(40.0));
+    assert_eq!(page["leads"][0]["campaign"], "acme-auto");
+    assert!(page.get("next_after").is_none(), "{page}");
+    let (status, page) = list("day=2026-13-01&limit=0".into()).await;
+    assert_eq!(
+        (status, &page["fields"]),
+        (400, &json!(["day", "limit"])),
+        "{page}"
+    );
+    let (status, page) = list("limit=5".into()).await;
+    assert_eq!(
+        (status, page["error"].as_str()),
+        (400, Some("Missing required field"))
+    );
+    let (status, _) = app
+        .get_ops(
+            Some(OPS_TOKEN),
+            &format!("/ops/suppliers/nobody/leads?day={day}"),
+        )
+        .await;
+    assert_eq!(status, 404);
     app.stop().await;
 
     // Without `[ops]` the route is off.

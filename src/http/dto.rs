@@ -67,18 +67,39 @@ pub fn status_answer(record: &LeadRecord) -> String {
     .expect("answer bodies always serialise")
 }
 
+/// A stored lead's outcome as operators read it.
 #[derive(Serialize)]
-struct OperatorView<'a> {
-    success: bool,
+struct LeadSummary<'a> {
     lead_id: &'a str,
-    supplier_id: &'a str,
-    seller: &'a str,
     campaign: &'a str,
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     price: Option<WirePrice>,
     buyer_ids: &'a [String],
     created_at: String,
+}
+
+impl<'a> LeadSummary<'a> {
+    fn of(record: &'a LeadRecord) -> LeadSummary<'a> {
+        LeadSummary {
+            lead_id: &record.lead_id,
+            campaign: &record.campaign_id,
+            status: record.status.as_str(),
+            price: (record.status == LeadStatus::Sold)
+                .then(|| WirePrice(Price::from_cents(record.price_cents))),
+            buyer_ids: &record.buyer_ids,
+            created_at: rfc3339_ms(record.created_at_ms),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OperatorView<'a> {
+    success: bool,
+    #[serde(flatten)]
+    summary: LeadSummary<'a>,
+    supplier_id: &'a str,
+    seller: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_retry_at: Option<String>,
     fields: crate::domain::lead::PingFields<'a>,
@@ -91,18 +112,37 @@ struct OperatorView<'a> {
 pub fn operator_view(record: &LeadRecord, personal: &[String]) -> String {
     serde_json::to_string(&OperatorView {
         success: true,
-        lead_id: &record.lead_id,
+        summary: LeadSummary::of(record),
         supplier_id: &record.supplier_id,
         seller: &record.seller,
-        campaign: &record.campaign_id,
-        status: record.status.as_str(),
-        price: (record.status == LeadStatus::Sold)
-            .then(|| WirePrice(Price::from_cents(record.price_cents))),
-        buyer_ids: &record.buyer_ids,
-        created_at: rfc3339_ms(record.created_at_ms),
         next_retry_at: record.next_retry_ms.map(rfc3339_ms),
         fields: crate::domain::lead::PingFields::of(&record.fields, personal),
         auction_log: &record.auction_log,
+    })
+    .expect("answer bodies always serialise")
+}
+
+#[derive(Serialize)]
+struct DayListing<'a> {
+    success: bool,
+    supplier_id: &'a str,
+    day: &'a str,
+    leads: Vec<LeadSummary<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after: Option<&'a str>,
+}
+
+/// The `GET /ops/suppliers/{supplier_id}/leads` body: one page of the supplier's leads of
+/// `day`, and, when the page is `full`, its last lead id to ask for the next page after.
+pub fn operator_day(supplier: &str, day: &str, records: &[LeadRecord], full: bool) -> String {
+    serde_json::to_string(&DayListing {
+        success: true,
+        supplier_id: supplier,
+        day,
+        leads: records.iter().map(LeadSummary::of).collect(),
+        next_after: full
+            .then(|| records.last().map(|r| r.lead_id.as_str()))
+            .flatten(),
     })
     .expect("answer bodies always serialise")
 }

@@ -210,6 +210,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/ops/suppliers/{supplier_id}/leads")
+            .route(web::get().to(ops::supplier_leads))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/metrics")
             .route(web::get().to(metrics_page))
             .default_service(web::to(method_not_allowed)),

@@ -380,7 +380,12 @@ impl TestApp {
 
     /// `GET /ops/leads/{lead_id}` with `token` as the bearer, if any.
     pub async fn get_ops_lead(&self, token: Option<&str>, lead_id: &str) -> (u16, Value) {
-        let mut request = self.client.get(self.url(&format!("/ops/leads/{lead_id}")));
+        self.get_ops(token, &format!("/ops/leads/{lead_id}")).await
+    }
+
+    /// `GET path` with `token` as the bearer, if any.
+    pub async fn get_ops(&self, token: Option<&str>, path: &str) -> (u16, Value) {
+        let mut request = self.client.get(self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
