@@ -604,6 +604,16 @@ mod cases {
                         .await
                         .unwrap();
                     assert!(page.len() <= limit);
+                    // The ids alone, as re-auction ticks list them, are the same page.
+                    let listed = store
+                        .pending_due_ids_after(campaign, t0 + 3 * HOUR, cursor, limit)
+                        .await
+                        .unwrap();
+                    let expected_ids: Vec<(i64, String)> = page
+                        .iter()
+                        .map(|r| (r.next_retry_ms.unwrap(), r.lead_id.clone()))
+                        .collect();
+                    assert_eq!(listed, expected_ids);
                     let Some(last) = page.last() else { break };
                     after = Some((last.next_retry_ms.unwrap(), last.lead_id.clone()));
                     paged.extend(page);

@@ -585,7 +585,7 @@ impl Shared {
             let cursor = after.as_ref().map(|(due, id)| (*due, id.as_str()));
             let due = match self
                 .store
-                .pending_due_after(&self.settings.id, now, cursor, RETRY_BATCH)
+                .pending_due_ids_after(&self.settings.id, now, cursor, RETRY_BATCH)
                 .await
             {
                 Ok(due) => due,
@@ -595,23 +595,20 @@ impl Shared {
                 }
             };
             let full = due.len() == RETRY_BATCH;
-            after = due
-                .last()
-                .and_then(|last| Some((last.next_retry_ms?, last.lead_id.clone())));
+            after = due.last().cloned();
             let retries = due
                 .into_iter()
-                .filter(|record| tried.insert(record.lead_id.clone()))
-                .filter_map(|record| {
+                .filter(|(_, lead_id)| tried.insert(lead_id.clone()))
+                .filter_map(|(_, lead_id)| {
                     let fresh = self
                         .retrying
                         .lock()
                         .expect("retrying")
-                        .insert(record.lead_id.clone());
+                        .insert(lead_id.clone());
                     fresh.then(|| {
                         let shared = self.clone();
                         async move {
-                            let lead_id = record.lead_id.clone();
-                            let outcome = shared.retry_one(record, policy).await;
+                            let outcome = shared.retry_one(&lead_id, policy).await;
                             shared.retrying.lock().expect("retrying").remove(&lead_id);
                             outcome
                         }
@@ -630,8 +627,8 @@ impl Shared {
     }
 
     /// Re-auctions `record` under its lease.
-    async fn retry_one(&self, mut record: LeadRecord, policy: PendingPolicy) -> Retry {
-        let lease = format!("retry/{}", record.lead_id);
+    async fn retry_one(&self, lead_id: &str, policy: PendingPolicy) -> Retry {
+        let lease = format!("retry/{lead_id}");
         let now = self.clock.now_ms();
         match self.coord.lease(&lease, now, now + RETRY_LEASE_MS).await {
             Ok(true) => {}
@@ -641,12 +638,10 @@ impl Shared {
                 return Retry::Failed;
             }
         }
-        let span = tracing::info_span!("reauction", lead_id = %record.lead_id, campaign = %self.settings.id);
-        let outcome = self
-            .retry_leased(&mut record, policy)
-            .instrument(span)
-            .await;
-        if self.store.held_locally(&record.lead_id).await {
+        let span =
+            tracing::info_span!("reauction", lead_id = %lead_id, campaign = %self.settings.id);
+        let outcome = self.retry_leased(lead_id, policy).instrument(span).await;
+        if self.store.held_locally(lead_id).await {
             // Its sale waits in this node's spill: other nodes still read the lead as pending,
             // and the lease, held a day, keeps them from auctioning it again meanwhile.
             let now = self.clock.now_ms();
@@ -656,13 +651,13 @@ impl Shared {
                 .await
             {
                 Ok(true) => {
-                    tracing::warn!(lead_id = %record.lead_id, "re-auction lease held while its sale waits in the spill")
+                    tracing::warn!(lead_id = %lead_id, "re-auction lease held while its sale waits in the spill")
                 }
                 Ok(false) => {
-                    tracing::error!(lead_id = %record.lead_id, "re-auction lease lost while its sale waits in the spill")
+                    tracing::error!(lead_id = %lead_id, "re-auction lease lost while its sale waits in the spill")
                 }
                 Err(e) => {
-                    tracing::error!(lead_id = %record.lead_id, error = %e, "re-auction lease not extended while its sale waits in the spill")
+                    tracing::error!(lead_id = %lead_id, error = %e, "re-auction lease not extended while its sale waits in the spill")
                 }
             }
             return outcome;
@@ -674,19 +669,20 @@ impl Shared {
     }
 
     /// Re-auctions a leased lead, if it is still due.
-    async fn retry_leased(&self, record: &mut LeadRecord, policy: PendingPolicy) -> Retry {
+    async fn retry_leased(&self, lead_id: &str, policy: PendingPolicy) -> Retry {
         let campaign = self.settings.id.clone();
-        // The stored lead may have changed since it was listed: another node may have sold
-        // it, or auctioned it and queued it for later, between the listing and the lease.
+        // Read under the lease: the stored lead may have changed since it was listed (another
+        // node may have sold it, or auctioned it and queued it for later).
         let now = self.clock.now_ms();
-        match self.store.get_lead(&record.lead_id).await {
-            Ok(Some(current)) if current.due_at(now) => *record = current,
+        let mut current = match self.store.get_lead(lead_id).await {
+            Ok(Some(current)) if current.due_at(now) => current,
             Ok(_) => return Retry::Passed,
             Err(e) => {
                 tracing::error!(error = %e, "pending lead could not be read");
                 return Retry::Failed;
             }
-        }
+        };
+        let record = &mut current;
         // What the re-auction adds goes after the log as stored.
         let stored_log_len = record.auction_log.len();
         let mut resolved = None;

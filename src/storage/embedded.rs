@@ -418,6 +418,14 @@ fn idem_key(supplier: &str, key: &str) -> String {
 }
 
 /// The lead id at the end of an index key.
+/// The due time in a pending-queue key (`pending_key`).
+fn due_of(key: &str) -> i64 {
+    key.rsplit(SEP)
+        .nth(1)
+        .and_then(|due| due.parse().ok())
+        .unwrap_or_default()
+}
+
 fn lead_of(key: &str) -> &str {
     key.rsplit(SEP).next().unwrap_or_default()
 }
@@ -1441,45 +1449,16 @@ impl LeadTables {
 }
 
 impl EmbeddedStore {
-    async fn write(&self, op: WriteOp) -> Result<(), StorageError> {
-        let (done, wait) = oneshot::channel();
-        self.sender()?
-            .send(Job::Write(Box::new(WriteJob { op, done })))
-            .map_err(|_| StorageError::Closed)?;
-        wait.await.map_err(|_| StorageError::Closed)?
-    }
-}
-
-#[async_trait]
-impl LeadStore for EmbeddedStore {
-    async fn insert_lead(
-        &self,
-        record: Arc<LeadRecord>,
-        idempotency: Option<(String, IdempotentAnswer)>,
-    ) -> Result<(), StorageError> {
-        self.write(WriteOp::Insert(record, idempotency)).await
-    }
-
-    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
-        self.write(WriteOp::Update(Arc::new(record))).await
-    }
-
-    async fn update_lead_appended(
-        &self,
-        record: LeadRecord,
-        stored_log_len: usize,
-    ) -> Result<(), StorageError> {
-        self.write(WriteOp::Append(Arc::new(record), stored_log_len))
-            .await
-    }
-
-    async fn pending_due_after(
+    /// The pending-queue keys of a campaign's leads due at `due_ms`, after `after`, in order,
+    /// with where each lead's newest version is, and the redb snapshot they were read in: at
+    /// least the first `limit` of them.
+    fn due_keys(
         &self,
         campaign_id: &str,
         due_ms: i64,
         after: Option<(i64, &str)>,
         limit: usize,
-    ) -> Result<Vec<LeadRecord>, StorageError> {
+    ) -> Result<(redb::ReadTransaction, BTreeMap<String, Found>), StorageError> {
         use std::ops::Bound;
         let db = self.db()?;
         let start = match after {
@@ -1528,7 +1507,65 @@ impl LeadStore for EmbeddedStore {
             }
             txn
         };
+        Ok((txn, found))
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<(), StorageError> {
+        let (done, wait) = oneshot::channel();
+        self.sender()?
+            .send(Job::Write(Box::new(WriteJob { op, done })))
+            .map_err(|_| StorageError::Closed)?;
+        wait.await.map_err(|_| StorageError::Closed)?
+    }
+}
+
+#[async_trait]
+impl LeadStore for EmbeddedStore {
+    async fn insert_lead(
+        &self,
+        record: Arc<LeadRecord>,
+        idempotency: Option<(String, IdempotentAnswer)>,
+    ) -> Result<(), StorageError> {
+        self.write(WriteOp::Insert(record, idempotency)).await
+    }
+
+    async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
+        self.write(WriteOp::Update(Arc::new(record))).await
+    }
+
+    async fn update_lead_appended(
+        &self,
+        record: LeadRecord,
+        stored_log_len: usize,
+    ) -> Result<(), StorageError> {
+        self.write(WriteOp::Append(Arc::new(record), stored_log_len))
+            .await
+    }
+
+    async fn pending_due_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<LeadRecord>, StorageError> {
+        let (txn, found) = self.due_keys(campaign_id, due_ms, after, limit)?;
         read_found(found, &txn, limit)
+    }
+
+    async fn pending_due_ids_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StorageError> {
+        let (_txn, found) = self.due_keys(campaign_id, due_ms, after, limit)?;
+        Ok(found
+            .keys()
+            .take(limit)
+            .map(|key| (due_of(key), lead_of(key).to_owned()))
+            .collect())
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
@@ -2254,6 +2291,41 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), 64).unwrap();
         assert_eq!(store.get_lead("C").await.unwrap(), Some(logged("C", 9)));
         assert_eq!(tail_rows(&store, "C"), [2, 5]);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn due_leads_are_listed_by_id_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = applying_every_10ms(dir.path());
+        for (id, due) in [("A", 100), ("B", 50), ("C", 5_000)] {
+            store
+                .insert_lead(Arc::new(logged(id, 2)), None)
+                .await
+                .unwrap();
+            let mut queued = logged(id, 2);
+            queued.next_retry_ms = Some(due);
+            store.update_lead(queued).await.unwrap();
+        }
+        applied(&store).await;
+        // A lead is updated again (in the overlay), another's record is unreadable in redb.
+        let mut later = logged("A", 2);
+        later.next_retry_ms = Some(200);
+        store.update_lead(later).await.unwrap();
+        {
+            let txn = store.db().unwrap().begin_write().unwrap();
+            txn.open_table(LEADS)
+                .unwrap()
+                .insert("B", b"not a record".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let listed = store
+            .pending_due_ids_after("acme-auto", 1_000, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(listed, [(50, "B".to_owned()), (200, "A".to_owned())]);
+        assert!(store.pending_due("acme-auto", 1_000, 10).await.is_err());
         store.close().await.unwrap();
     }
 }

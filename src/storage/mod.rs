@@ -172,6 +172,25 @@ pub trait LeadStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError>;
 
+    /// What `pending_due_after` lists, as the due time and id of each lead only: what a
+    /// re-auction tick needs, as it reads each lead again under its lease. A store that can
+    /// list them without reading the leads (their auction logs grow with every re-auction)
+    /// does.
+    async fn pending_due_ids_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StorageError> {
+        Ok(self
+            .pending_due_after(campaign_id, due_ms, after, limit)
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.next_retry_ms?, r.lead_id)))
+            .collect())
+    }
+
     /// Durably stores a small named value (counters, breaker state) next to the leads.
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError>;
 

@@ -267,6 +267,26 @@ impl SpillingStore {
         }
     }
 
+    /// The first `limit` of `due`, leaving out leads whose sale waits in the spill.
+    async fn not_spilled<T>(
+        &self,
+        mut due: Vec<T>,
+        lead_id: impl Fn(&T) -> &String,
+        limit: usize,
+    ) -> Vec<T> {
+        let spill = self.spill.lock().await;
+        if !spill.entries.is_empty() {
+            due.retain(|lead| {
+                !spill
+                    .entries
+                    .iter()
+                    .any(|e| &e.record.lead_id == lead_id(lead))
+            });
+        }
+        due.truncate(limit);
+        due
+    }
+
     /// The newest spilled version of `lead_id`, if the spill holds it.
     async fn spilled_lead(&self, lead_id: &str) -> Option<LeadRecord> {
         let spill = self.spill.lock().await;
@@ -380,21 +400,26 @@ impl LeadStore for SpillingStore {
         let spilled = self.spilled().await;
         // Leads sold since and waiting in the spill are no longer pending; as many more are
         // asked for, so they cannot fill every tick's list while due leads wait behind them.
-        let mut due = self
+        let due = self
             .inner
             .pending_due_after(campaign_id, due_ms, after, limit.saturating_add(spilled))
             .await?;
-        if spilled > 0 {
-            let spill = self.spill.lock().await;
-            due.retain(|lead| {
-                !spill
-                    .entries
-                    .iter()
-                    .any(|e| e.record.lead_id == lead.lead_id)
-            });
-        }
-        due.truncate(limit);
-        Ok(due)
+        Ok(self.not_spilled(due, |lead| &lead.lead_id, limit).await)
+    }
+
+    async fn pending_due_ids_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StorageError> {
+        let spilled = self.spilled().await;
+        let due = self
+            .inner
+            .pending_due_ids_after(campaign_id, due_ms, after, limit.saturating_add(spilled))
+            .await?;
+        Ok(self.not_spilled(due, |(_, id)| id, limit).await)
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
