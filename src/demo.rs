@@ -89,6 +89,7 @@ pub fn new_api_key() -> String {
 
 fn demo_config(
     key_hash: &str,
+    ops_hash: &str,
     listen: &str,
     data: &std::path::Path,
     sims: &[(DemoBuyer, String)],
@@ -105,6 +106,9 @@ path = "{data}"
 [rate_limit]
 requests = 1000000
 window_secs = 60
+
+[ops]
+token_sha256 = ["{ops_hash}"]
 
 [[sellers]]
 code = "DEMO0001"
@@ -202,12 +206,14 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         }
     };
     let key = new_api_key();
+    let ops_token = new_api_key();
     let pairs: Vec<(DemoBuyer, String)> = sims
         .iter()
         .map(|(b, base, _)| (clone_buyer(b), base.clone()))
         .collect();
     let config = Config::from_toml(&demo_config(
         &hash_key(&key),
+        &hash_key(&ops_token),
         &options.listen,
         &data,
         &pairs,
@@ -247,6 +253,9 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
     }
     println!(
         "\nsupplier API key: {key}\n\ntry:\ncurl -s -X POST http://{addr}/api/leads \\\n  -H 'Content-Type: application/json' \\\n  -H 'Authorization: Bearer {key}' \\\n  -d '{{\"seller\": \"DEMO0001\", \"category\": \"Auto Insurance\", \"firstName\": \"John\", \"lastName\": \"Doe\", \"phone\": \"555-123-4567\", \"email\": \"john@example.com\", \"state\": \"TX\"}}'\n"
+    );
+    println!(
+        "operator token: {ops_token}\nwhat happened to a lead (its auction log):\ncurl -s http://{addr}/ops/leads/<lead_id> -H 'Authorization: Bearer {ops_token}'\n"
     );
     println!("metrics: http://{addr}/metrics   health: http://{addr}/readyz\n");
 
