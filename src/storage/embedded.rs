@@ -417,7 +417,6 @@ fn idem_key(supplier: &str, key: &str) -> String {
     format!("{supplier}{SEP}{key}")
 }
 
-/// The lead id at the end of an index key.
 /// The due time in a pending-queue key (`pending_key`).
 fn due_of(key: &str) -> i64 {
     key.rsplit(SEP)
@@ -426,6 +425,7 @@ fn due_of(key: &str) -> i64 {
         .unwrap_or_default()
 }
 
+/// The lead id at the end of an index key.
 fn lead_of(key: &str) -> &str {
     key.rsplit(SEP).next().unwrap_or_default()
 }
