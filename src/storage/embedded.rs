@@ -519,6 +519,8 @@ impl EmbeddedStore {
             queue: test_queue,
         };
         store.sweep_idempotency(crate::clock::now_ms())?;
+        // Exported from the start, as dashboards and alerts read it before the first write.
+        metrics::gauge!(telemetry::STORAGE_UNAPPLIED).set(0.0);
         Ok(store)
     }
 
