@@ -1091,6 +1091,101 @@ async fn sigkill_loses_no_answered_lead_nor_its_idempotent_answer() {
 }
 
 #[actix_web::test]
+async fn sigkill_keeps_every_re_auction_of_a_pending_leads_log() {
+    // Leads nobody bids on, auctioned again every second; checkpoints far apart, so each
+    // re-auction's log events are only in the write-ahead log (and redb's non-durable commits)
+    // when the process is killed.
+    let buyer = sim("0", 0);
+    let token = "sigkill-operator";
+    let retrying = format!(
+        r#"
+[[campaigns]]
+id = "acme-retry"
+seller = "ACME1234"
+category = "Home Warranty"
+ping_timeout_ms = 200
+pending_ttl_secs = 3600
+retry_interval_secs = 1
+
+[[buyers]]
+id = "no-bidder"
+campaigns = ["acme-retry"]
+ping_url = "{}"
+post_url = "{}"
+
+[ops]
+token_sha256 = ["{}"]
+"#,
+        buyer.url("/ping"),
+        buyer.url("/post"),
+        leadex::startup::hash_key(token)
+    );
+    let text = config(&data_dir(), "", &retrying).replace(
+        "backend = \"embedded\"",
+        "backend = \"embedded\"\ncheckpoint_ms = 600000",
+    );
+    let mut exchange = Exchange::start(&text, "text", "info").await;
+    let client = http();
+    let mut lead_ids = Vec::new();
+    for _ in 0..5 {
+        let (status, body) = post_lead(&client, &exchange.base, &slow_lead())
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("pending")),
+            "{body}"
+        );
+        lead_ids.push(body["lead_id"].as_str().unwrap().to_owned());
+    }
+    let log_of = |exchange: &Exchange, lead_id: &str| {
+        let request = client
+            .get(exchange.url(&format!("/ops/leads/{lead_id}")))
+            .bearer_auth(token);
+        async move {
+            let view: Value = request.send().await.unwrap().json().await.unwrap();
+            assert_eq!(view["status"], "pending", "{view}");
+            view["auction_log"].as_array().unwrap().clone()
+        }
+    };
+    // Each lead auctioned at least three times (one ping each), within 20 s.
+    let started = Instant::now();
+    let mut before = Vec::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        before.clear();
+        for lead_id in &lead_ids {
+            before.push(log_of(&exchange, lead_id).await);
+        }
+        if before.iter().all(|log| log.len() >= 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(before.iter().all(|log| log.len() >= 3), "{before:?}");
+
+    exchange.process.signal(libc::SIGKILL);
+    exchange
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("killed");
+    let restarted = Exchange::start(&text, "text", "info").await;
+    assert!(
+        restarted
+            .log_text()
+            .contains("applying writes from the write-ahead log"),
+        "{}",
+        restarted.log_text()
+    );
+    // Every event read before the kill is there after it, in order, re-auctions going on.
+    for (lead_id, logged) in lead_ids.iter().zip(&before) {
+        let after = log_of(&restarted, lead_id).await;
+        assert!(after.len() >= logged.len(), "{lead_id}: {after:?}");
+        assert_eq!(&after[..logged.len()], &logged[..], "{lead_id}");
+    }
+}
+
+#[actix_web::test]
 async fn sigterm_still_stores_the_auction_of_a_supplier_that_hung_up() {
     use std::io::Write;
     let buyer = slow_sim(300, 1200);
