@@ -376,7 +376,7 @@ impl WebhookSender {
         let Some(store) = &self.store else {
             return Ok(true);
         };
-        let lead = store.get_lead(&entry.lead_id).await?;
+        let lead = store.get_lead_without_log(&entry.lead_id).await?;
         // The body names the event, status, price and buyers.
         Ok(lead.is_some_and(|lead| {
             lead.status != LeadStatus::Pending && body(&lead) == entry.body.as_bytes()

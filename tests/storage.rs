@@ -403,6 +403,10 @@ mod cases {
         assert!(read.buyer_ids.is_empty());
 
         assert_eq!(store.get_lead(&lead_id_at(BASE)).await.unwrap(), None);
+        assert_eq!(
+            store.get_lead_without_log(&lead_id_at(BASE)).await.unwrap(),
+            None
+        );
         store.close().await.unwrap();
     }
 
@@ -458,6 +462,12 @@ mod cases {
             assert_eq!(
                 store.get_lead(&long.lead_id).await.unwrap(),
                 Some(growing.clone()),
+                "appended round {round}"
+            );
+            // Without the log (a supplier's status read): the record alone.
+            assert_eq!(
+                store.get_lead_without_log(&long.lead_id).await.unwrap(),
+                Some(growing.clone().without_log()),
                 "appended round {round}"
             );
         }

@@ -430,7 +430,7 @@ async fn replay(
     answer: IdempotentAnswer,
     lead: &Lead,
 ) -> Result<HttpResponse, ApiError> {
-    match state.store.get_lead(&answer.lead_id).await {
+    match state.store.get_lead_without_log(&answer.lead_id).await {
         Ok(Some(first)) if !same_lead(&first.fields, &lead.fields) => {
             return Err(ApiError::InvalidBody(format!(
                 "Idempotency-Key was used for another lead ({}) within 24 h; a new lead needs a new key",
@@ -695,7 +695,7 @@ pub async fn status(
         let state = shared;
         let record = state
             .store
-            .get_lead(&lead_id)
+            .get_lead_without_log(&lead_id)
             .await
             .map_err(|e| ApiError::StorageUnavailable(e.to_string()))?;
         match record {

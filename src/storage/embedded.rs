@@ -108,17 +108,8 @@ impl Appended {
     /// `whole`'s first `inline` events as its head and the events from `from` on as its row.
     fn of(whole: Arc<LeadRecord>, inline: usize, from: usize) -> Appended {
         let head = LeadRecord {
-            lead_id: whole.lead_id.clone(),
-            supplier_id: whole.supplier_id.clone(),
-            seller: whole.seller.clone(),
-            campaign_id: whole.campaign_id.clone(),
-            created_at_ms: whole.created_at_ms,
-            status: whole.status,
-            price_cents: whole.price_cents,
-            buyer_ids: whole.buyer_ids.clone(),
-            fields: whole.fields.clone(),
             auction_log: whole.auction_log[..inline].to_vec(),
-            next_retry_ms: whole.next_retry_ms,
+            ..whole.head()
         };
         Appended {
             head,
@@ -1594,6 +1585,26 @@ impl LeadStore for EmbeddedStore {
         LeadTables::open(&txn)?.lead(lead_id)
     }
 
+    async fn get_lead_without_log(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<LeadRecord>, StorageError> {
+        let db = self.db()?;
+        if let Some(record) = self.overlay().lead(lead_id) {
+            return Ok(Some(record.head()));
+        }
+        // The record alone: the events it holds inline (its first auction's) are few, and its
+        // `LOG_TAIL` rows are not read.
+        let txn = db.begin_read().map_err(backend)?;
+        let leads = txn.open_table(LEADS).map_err(backend)?;
+        match leads.get(lead_id).map_err(backend)? {
+            Some(bytes) => serde_json::from_slice::<LeadRecord>(bytes.value())
+                .map(|record| Some(record.without_log()))
+                .map_err(corrupt),
+            None => Ok(None),
+        }
+    }
+
     async fn get_idempotent(
         &self,
         supplier_id: &str,
@@ -2328,6 +2339,40 @@ mod tests {
             .unwrap();
         assert_eq!(listed, [(50, "B".to_owned()), (200, "A".to_owned())]);
         assert!(store.pending_due("acme-auto", 1_000, 10).await.is_err());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lead_read_without_its_log_reads_no_log_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = applying_every_10ms(dir.path());
+        let mut lead = logged("A", 2);
+        store
+            .insert_lead(Arc::new(lead.clone()), None)
+            .await
+            .unwrap();
+        lead.auction_log.extend((10..14).map(event));
+        store.update_lead_appended(lead.clone(), 2).await.unwrap();
+        // From the overlay, then from redb with its log row made unreadable.
+        assert_eq!(
+            store.get_lead_without_log("A").await.unwrap(),
+            Some(lead.clone().without_log())
+        );
+        applied(&store).await;
+        {
+            let txn = store.db().unwrap().begin_write().unwrap();
+            txn.open_table(LOG_TAIL)
+                .unwrap()
+                .insert(("A", 2), b"not events".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(store.get_lead("A").await.is_err());
+        assert_eq!(
+            store.get_lead_without_log("A").await.unwrap(),
+            Some(lead.without_log())
+        );
+        assert_eq!(store.get_lead_without_log("B").await.unwrap(), None);
         store.close().await.unwrap();
     }
 }

@@ -99,6 +99,29 @@ pub struct LeadRecord {
 }
 
 impl LeadRecord {
+    /// The record with an empty auction log.
+    pub fn without_log(mut self) -> LeadRecord {
+        self.auction_log = Vec::new();
+        self
+    }
+
+    /// A copy of the record's outcome and fields, without its auction log (not copied).
+    pub fn head(&self) -> LeadRecord {
+        LeadRecord {
+            lead_id: self.lead_id.clone(),
+            supplier_id: self.supplier_id.clone(),
+            seller: self.seller.clone(),
+            campaign_id: self.campaign_id.clone(),
+            created_at_ms: self.created_at_ms,
+            status: self.status,
+            price_cents: self.price_cents,
+            buyer_ids: self.buyer_ids.clone(),
+            fields: self.fields.clone(),
+            auction_log: Vec::new(),
+            next_retry_ms: self.next_retry_ms,
+        }
+    }
+
     /// Whether the lead waits for an auction again at `now_ms`: pending, queued, and its next
     /// try not in the future. A re-auction reads the lead again once it holds the lease and
     /// goes on only if this still holds, since another node (or a tick before) may have
@@ -131,6 +154,16 @@ pub trait LeadStore: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError>;
+
+    /// The lead with an empty `auction_log`: what a supplier's status read, an Idempotency-Key
+    /// replay's check and a webhook's check use. A pending lead's log grows with every
+    /// re-auction; a store that keeps it apart reads the record only.
+    async fn get_lead_without_log(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<LeadRecord>, StorageError> {
+        Ok(self.get_lead(lead_id).await?.map(LeadRecord::without_log))
+    }
 
     /// Replaces a stored lead (a re-auction's outcome) and moves it in or out of the pending
     /// queue according to `next_retry_ms`; returns once durable.

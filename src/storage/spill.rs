@@ -378,6 +378,16 @@ impl LeadStore for SpillingStore {
         self.inner.get_lead(lead_id).await
     }
 
+    async fn get_lead_without_log(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<LeadRecord>, StorageError> {
+        if let Some(record) = self.spilled_lead(lead_id).await {
+            return Ok(Some(record.without_log()));
+        }
+        self.inner.get_lead_without_log(lead_id).await
+    }
+
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
         self.update(record, None).await
     }

@@ -538,20 +538,21 @@ impl Connected {
                     .map_err(|e| corrupt(lead_id, &format!("auction log {}: {e}", r.seq)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(LeadRecord {
-            status: status_of(lead_id, &row.status)?,
-            fields: serde_json::from_str(&row.fields)
-                .map_err(|e| corrupt(lead_id, &format!("fields: {e}")))?,
-            lead_id: row.lead_id,
-            supplier_id: row.supplier_id,
-            seller: row.seller,
-            campaign_id: row.campaign_id,
-            created_at_ms: row.created_at_ms,
-            price_cents: row.price_cents,
-            buyer_ids: row.buyer_ids.unwrap_or_default(),
-            auction_log,
-            next_retry_ms: row.next_retry_ms.filter(|due| *due != NOT_QUEUED),
-        }))
+        record_of(row, auction_log).map(Some)
+    }
+
+    /// The lead's row alone, its log not read.
+    async fn get_lead_without_log(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<LeadRecord>, StorageError> {
+        match self
+            .one_row::<LeadRow>(&self.statements.select_lead, (lead_id,))
+            .await?
+        {
+            Some(row) => record_of(row, Vec::new()).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The leads of `ids`, in that order, read a few at a time; ids without a lead are left out.
@@ -563,6 +564,25 @@ impl Connected {
             .await?;
         Ok(found.into_iter().flatten().collect())
     }
+}
+
+/// A lead from its row and its auction log.
+fn record_of(row: LeadRow, auction_log: Vec<AuctionEvent>) -> Result<LeadRecord, StorageError> {
+    let lead_id = row.lead_id;
+    Ok(LeadRecord {
+        status: status_of(&lead_id, &row.status)?,
+        fields: serde_json::from_str(&row.fields)
+            .map_err(|e| corrupt(&lead_id, &format!("fields: {e}")))?,
+        supplier_id: row.supplier_id,
+        seller: row.seller,
+        campaign_id: row.campaign_id,
+        created_at_ms: row.created_at_ms,
+        price_cents: row.price_cents,
+        buyer_ids: row.buyer_ids.unwrap_or_default(),
+        auction_log,
+        next_retry_ms: row.next_retry_ms.filter(|due| *due != NOT_QUEUED),
+        lead_id,
+    })
 }
 
 #[async_trait]
@@ -593,6 +613,13 @@ impl LeadStore for ScyllaStore {
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
         self.connected()?.get_lead(lead_id).await
+    }
+
+    async fn get_lead_without_log(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<LeadRecord>, StorageError> {
+        self.connected()?.get_lead_without_log(lead_id).await
     }
 
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
