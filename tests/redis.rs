@@ -515,6 +515,32 @@ async fn failed_authentication_is_limited_across_nodes() {
 }
 
 #[actix_web::test]
+async fn concurrent_guesses_get_no_more_tries_than_the_limit() {
+    let redis = RedisServer::start();
+    let buyer = sim("10", 0);
+    let nodes = nodes(
+        2,
+        &redis,
+        "requests = 60\nauth_failures = 3\nauth_failure_window_secs = 60",
+        &ping_buyer("a", &buyer, ""),
+    );
+    let client = client();
+    // Forty wrong keys at once, over both nodes: each is counted as it is refused, so no more
+    // than the limit are told "wrong key" however many arrive together.
+    let guesses = (0..40).map(|i| {
+        let client = client.clone();
+        let node = &nodes[i % 2];
+        async move { post(&client, node, &format!("guess-{i}")).await.status }
+    });
+    let statuses = futures::future::join_all(guesses).await;
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((refused, limited), (3, 37), "{statuses:?}");
+    assert_eq!(redis.integer(&["ZCARD", "it:authfail:127.0.0.1"]), 3);
+    assert_eq!(post(&client, &nodes[0], KEY).await.status, 429);
+}
+
+#[actix_web::test]
 async fn keys_of_different_suppliers_never_share_a_window() {
     let redis = RedisServer::start();
     let buyer = sim("10", 0);

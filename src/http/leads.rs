@@ -67,16 +67,21 @@ fn client_address(req: &HttpRequest, trusted: &[ipnet::IpNet]) -> String {
     }
 }
 
-/// Authentication, then the key's rate limit. Failed authentication is itself limited per
-/// client address; an address over that limit is refused before its key is even looked at,
-/// so a correct guess cannot be told apart.
-/// The caller's address as the failed-authentication limit keys it, or a 429 when that
-/// address is over the limit.
-async fn address_under_auth_limit(state: &AppState, req: &HttpRequest) -> Result<String, ApiError> {
-    let address_key = format!("authfail:{}", client_address(req, &state.trusted_proxies));
+// Failed authentication is limited per client address. A wrong key is counted and checked
+// in one step, so guesses sent together get no more tries than the limit; a right key from
+// an address over that limit is refused as a wrong one is, so a lucky guess cannot be told
+// apart.
+
+/// The key the failed-authentication limit counts the caller's address under.
+fn auth_address_key(state: &AppState, req: &HttpRequest) -> String {
+    format!("authfail:{}", client_address(req, &state.trusted_proxies))
+}
+
+/// A 429 for a caller with a right key whose address is over the failed-authentication limit.
+async fn address_under_auth_limit(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     let failures = state
         .limiter
-        .peek(&address_key, state.auth_failure_limit)
+        .peek(&auth_address_key(state, req), state.auth_failure_limit)
         .await;
     if !failures.allowed {
         counter!(telemetry::RATE_LIMITED_TOTAL).increment(1);
@@ -84,15 +89,22 @@ async fn address_under_auth_limit(state: &AppState, req: &HttpRequest) -> Result
             retry_after_secs: failures.retry_after_secs(),
         });
     }
-    Ok(address_key)
+    Ok(())
 }
 
-/// Counts a failed authentication against the caller's address; the answer to give.
-async fn auth_failed(state: &AppState, address_key: &str) -> ApiError {
-    state
+/// Counts a failed authentication against the caller's address: a 401, or a 429 when the
+/// address is over its limit (that try is then not counted, as no refused request is).
+async fn auth_failed(state: &AppState, req: &HttpRequest) -> ApiError {
+    let failures = state
         .limiter
-        .acquire(address_key, state.auth_failure_limit)
+        .acquire(&auth_address_key(state, req), state.auth_failure_limit)
         .await;
+    if !failures.allowed {
+        counter!(telemetry::RATE_LIMITED_TOTAL).increment(1);
+        return ApiError::RateLimited {
+            retry_after_secs: failures.retry_after_secs(),
+        };
+    }
     counter!(telemetry::AUTH_FAILURES_TOTAL).increment(1);
     ApiError::InvalidApiKey
 }
@@ -108,19 +120,18 @@ fn bearer_hash(req: &HttpRequest) -> [u8; 32] {
 /// Checks an operator's bearer token (`[ops] token_sha256`), under the same limit of failed
 /// authentications per address as suppliers' keys.
 pub async fn authenticate_operator(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
-    let address_key = address_under_auth_limit(state, req).await?;
-    if state.ops_tokens.contains(&bearer_hash(req)) {
-        return Ok(());
+    if !state.ops_tokens.contains(&bearer_hash(req)) {
+        return Err(auth_failed(state, req).await);
     }
-    Err(auth_failed(state, &address_key).await)
+    address_under_auth_limit(state, req).await
 }
 
 async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Caller, ApiError> {
-    let address_key = address_under_auth_limit(state, req).await?;
     let hash = bearer_hash(req);
     let Some(&supplier) = state.keys.get(&hash) else {
-        return Err(auth_failed(state, &address_key).await);
+        return Err(auth_failed(state, req).await);
     };
+    address_under_auth_limit(state, req).await?;
     let started = std::time::Instant::now();
     let decision = state
         .limiter
