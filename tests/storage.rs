@@ -928,6 +928,85 @@ async fn an_appended_update_on_scylla_writes_only_the_new_log_rows() {
     store.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_entries_left_behind_on_scylla_take_no_place_in_a_page() {
+    let backend = Kassandra::new().await;
+    let store = backend.open().await;
+    let campaign = "camp-stale";
+    let due = BASE + 2 * HOUR;
+    let leads: Vec<LeadRecord> = (0..3)
+        .map(|n| pending("sup-stale", campaign, BASE + n, due + n))
+        .collect();
+    for lead in &leads {
+        store
+            .insert_lead(Arc::new(lead.clone()), None)
+            .await
+            .unwrap();
+    }
+    // Entries a concurrent update could leave behind: the first lead at an earlier due time,
+    // a lead that is not stored, and the second lead in another campaign's queue; all of them
+    // sort before the real entries.
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(backend._server.node())
+        .build()
+        .await
+        .unwrap();
+    let bucket = due.div_euclid(HOUR);
+    for (campaign, at, lead_id) in [
+        (campaign, due - 10, leads[0].lead_id.as_str()),
+        (campaign, due - 5, "not-stored"),
+        ("camp-other", due - 5, leads[1].lead_id.as_str()),
+    ] {
+        session
+            .query_unpaged(
+                "INSERT INTO leadex_test.pending_leads (campaign_id, bucket, due_ms, lead_id) VALUES (?, ?, ?, ?)",
+                (campaign, bucket, at, lead_id),
+            )
+            .await
+            .unwrap();
+    }
+    // The last lead's log no longer reads: listing ids never reads a log, and a page of
+    // records reads only the leads on it.
+    session
+        .query_unpaged(
+            "INSERT INTO leadex_test.auction_log (lead_id, seq, event, buyer, detail) VALUES (?, ?, ?, ?, ?)",
+            (leads[2].lead_id.as_str(), 0_i64, "ping", "", "not json"),
+        )
+        .await
+        .unwrap();
+    let expected: Vec<(i64, String)> = leads
+        .iter()
+        .map(|l| (l.next_retry_ms.unwrap(), l.lead_id.clone()))
+        .collect();
+    let now = due + HOUR;
+    assert_eq!(
+        store
+            .pending_due_ids_after(campaign, now, None, 2)
+            .await
+            .unwrap(),
+        expected[..2]
+    );
+    assert_eq!(
+        store
+            .pending_due_ids_after(campaign, now, None, 10)
+            .await
+            .unwrap(),
+        expected
+    );
+    assert_eq!(
+        store.pending_due(campaign, now, 2).await.unwrap(),
+        leads[..2]
+    );
+    assert_eq!(
+        store
+            .pending_due_ids_after("camp-other", now, None, 10)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    store.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Schema and configuration
 

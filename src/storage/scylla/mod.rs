@@ -555,6 +555,80 @@ impl Connected {
         }
     }
 
+    /// The first `limit` entries of `campaign_id`'s pending queue due at `due_ms` (after
+    /// `after` in (due time, lead id) order), each checked against its lead's row: an entry a
+    /// concurrent update left behind no longer matches its lead and is left out. Entries are
+    /// checked a few at a time, in order, and only until `limit` match, so a long queue costs
+    /// a tick no more than its page; the leads' logs are not read.
+    async fn due_entries(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StorageError> {
+        let s = &self.statements;
+        let last_bucket = pending_bucket(due_ms);
+        let first_bucket = after.map_or(i64::MIN, |(due, _)| pending_bucket(due));
+        let mut buckets: Vec<i64> = self
+            .all_rows::<(i64,)>(&s.select_pending_buckets, (campaign_id,))
+            .await?
+            .into_iter()
+            .map(|(b,)| b)
+            .filter(|b| (first_bucket..=last_bucket).contains(b))
+            .collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        let forget_before = crate::clock::now_ms() - BUCKET_GRACE_MS;
+        let mut out = Vec::new();
+        for bucket in buckets {
+            if out.len() >= limit {
+                break;
+            }
+            let mut entries = self
+                .all_rows::<PendingRow>(&s.select_pending, (campaign_id, bucket))
+                .await?;
+            if entries.is_empty() && (bucket + 1) * HOUR_MS < forget_before {
+                // Nothing can be queued this far back any more: drop the marker.
+                self.session
+                    .execute_unpaged(&s.delete_pending_bucket, (campaign_id, bucket))
+                    .await
+                    .map_err(backend)?;
+                continue;
+            }
+            entries.retain(|e| {
+                e.due_ms <= due_ms
+                    && after.is_none_or(|(due, id)| (e.due_ms, e.lead_id.as_str()) > (due, id))
+            });
+            entries.sort_by(|a, b| (a.due_ms, &a.lead_id).cmp(&(b.due_ms, &b.lead_id)));
+            let mut entries = entries.into_iter().peekable();
+            while out.len() < limit && entries.peek().is_some() {
+                let chunk: Vec<PendingRow> = entries
+                    .by_ref()
+                    .take((limit - out.len()).min(FETCH_CONCURRENCY))
+                    .collect();
+                let ids: Vec<String> = chunk.iter().map(|e| e.lead_id.clone()).collect();
+                let heads: Vec<Option<QueueEntryRow>> = stream::iter(ids)
+                    .map(|id| async move {
+                        self.one_row::<QueueEntryRow>(&s.select_queue_entry, (id,))
+                            .await
+                    })
+                    .buffered(FETCH_CONCURRENCY)
+                    .try_collect()
+                    .await?;
+                for (entry, head) in chunk.into_iter().zip(heads) {
+                    let matches = head.is_some_and(|h| {
+                        h.campaign_id == campaign_id && h.next_retry_ms == Some(entry.due_ms)
+                    });
+                    if matches {
+                        out.push((entry.due_ms, entry.lead_id));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The leads of `ids`, in that order, read a few at a time; ids without a lead are left out.
     async fn get_leads(&self, ids: Vec<String>) -> Result<Vec<LeadRecord>, StorageError> {
         let found: Vec<Option<LeadRecord>> = stream::iter(ids)
@@ -644,58 +718,34 @@ impl LeadStore for ScyllaStore {
         limit: usize,
     ) -> Result<Vec<LeadRecord>, StorageError> {
         let c = self.connected()?;
-        let s = &c.statements;
-        let last_bucket = pending_bucket(due_ms);
-        let first_bucket = after.map_or(i64::MIN, |(due, _)| pending_bucket(due));
-        let mut buckets: Vec<i64> = c
-            .all_rows::<(i64,)>(&s.select_pending_buckets, (campaign_id,))
-            .await?
+        let due = c.due_entries(campaign_id, due_ms, after, limit).await?;
+        let records = c
+            .get_leads(due.iter().map(|(_, id)| id.clone()).collect())
+            .await?;
+        // Checked again on the whole record: a lead updated since its entry was read is left
+        // out, as its entry would be now.
+        Ok(records
             .into_iter()
-            .map(|(b,)| b)
-            .filter(|b| (first_bucket..=last_bucket).contains(b))
-            .collect();
-        buckets.sort_unstable();
-        buckets.dedup();
-        let forget_before = crate::clock::now_ms() - BUCKET_GRACE_MS;
-        let mut out = Vec::new();
-        for bucket in buckets {
-            if out.len() >= limit {
-                break;
-            }
-            let mut entries = c
-                .all_rows::<PendingRow>(&s.select_pending, (campaign_id, bucket))
-                .await?;
-            if entries.is_empty() && (bucket + 1) * HOUR_MS < forget_before {
-                // Nothing can be queued this far back any more: drop the marker.
-                c.session
-                    .execute_unpaged(&s.delete_pending_bucket, (campaign_id, bucket))
-                    .await
-                    .map_err(backend)?;
-                continue;
-            }
-            entries.retain(|e| {
-                e.due_ms <= due_ms
-                    && after.is_none_or(|(due, id)| (e.due_ms, e.lead_id.as_str()) > (due, id))
-            });
-            entries.sort_by(|a, b| (a.due_ms, &a.lead_id).cmp(&(b.due_ms, &b.lead_id)));
-            let wanted: Vec<(i64, String)> =
-                entries.into_iter().map(|e| (e.due_ms, e.lead_id)).collect();
-            let records = c
-                .get_leads(wanted.iter().map(|(_, id)| id.clone()).collect())
-                .await?;
-            for record in records {
-                // An entry left behind by a concurrent update no longer matches its lead.
-                if out.len() < limit
-                    && record.campaign_id == campaign_id
-                    && wanted.iter().any(|(due, id)| {
-                        *id == record.lead_id && record.next_retry_ms == Some(*due)
-                    })
-                {
-                    out.push(record);
-                }
-            }
-        }
-        Ok(out)
+            .filter(|r| {
+                r.campaign_id == campaign_id
+                    && due
+                        .iter()
+                        .any(|(at, id)| *id == r.lead_id && r.next_retry_ms == Some(*at))
+            })
+            .collect())
+    }
+
+    /// The due entries' ids, each checked against its lead's row without reading its log.
+    async fn pending_due_ids_after(
+        &self,
+        campaign_id: &str,
+        due_ms: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StorageError> {
+        self.connected()?
+            .due_entries(campaign_id, due_ms, after, limit)
+            .await
     }
 
     async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StorageError> {
