@@ -449,16 +449,27 @@ mod cases {
             );
         }
 
-        // The same, saying how much of the log is stored already (as re-auctions do).
+        // A re-auction reads the lead without its log, then adds its events after the stored
+        // ones (only those are written), its outcome changing with them.
+        let added_to = |record: &LeadRecord, added: &[AuctionEvent]| LeadRecord {
+            auction_log: added.to_vec(),
+            ..record.head()
+        };
         for round in 0..3 {
+            let read = store.get_lead_for_reauction(&long.lead_id).await.unwrap();
+            assert_eq!(
+                read,
+                Some((growing.head(), growing.auction_log.len())),
+                "appended round {round}"
+            );
             let stored = growing.auction_log.len();
-            growing
-                .auction_log
-                .extend((0..60).map(|i| event(600 + round * 60 + i)));
+            let added: Vec<AuctionEvent> = (0..60).map(|i| event(600 + round * 60 + i)).collect();
+            growing.price_cents += 100;
             store
-                .update_lead_appended(growing.clone(), stored)
+                .append_lead(added_to(&growing, &added), stored)
                 .await
                 .unwrap();
+            growing.auction_log.extend(added);
             assert_eq!(
                 store.get_lead(&long.lead_id).await.unwrap(),
                 Some(growing.clone()),
@@ -471,16 +482,27 @@ mod cases {
                 "appended round {round}"
             );
         }
-        // A stored length that is not the stored log's: the whole log is written.
-        let replaced = LeadRecord {
-            auction_log: (0..70).map(|i| event(900 + i)).collect(),
-            ..growing.clone()
-        };
+        // The same events again at the same place (a spilled sale replayed after a crash):
+        // not added twice.
+        let stored = growing.auction_log.len() - 60;
+        let last = growing.auction_log[stored..].to_vec();
         store
-            .update_lead_appended(replaced.clone(), 5)
+            .append_lead(added_to(&growing, &last), stored)
             .await
             .unwrap();
-        assert_eq!(store.get_lead(&long.lead_id).await.unwrap(), Some(replaced));
+        assert_eq!(
+            store.get_lead(&long.lead_id).await.unwrap(),
+            Some(growing.clone())
+        );
+        // Events said to go after a log that is not the stored one go after the stored one,
+        // so none is lost.
+        let extra: Vec<AuctionEvent> = (0..3).map(|i| event(900 + i)).collect();
+        store
+            .append_lead(added_to(&growing, &extra), 5)
+            .await
+            .unwrap();
+        growing.auction_log.extend(extra);
+        assert_eq!(store.get_lead(&long.lead_id).await.unwrap(), Some(growing));
         store.close().await.unwrap();
     }
 
@@ -904,6 +926,27 @@ conformance!(
     reading_after_reconnect,
 );
 
+/// A CQL session of the test's own on `backend`'s server, to change rows behind the store.
+async fn session(backend: &Kassandra) -> scylla::client::session::Session {
+    scylla::client::session_builder::SessionBuilder::new()
+        .known_node(backend._server.node())
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Writes `event` as row `seq` of a lead's auction log, as the store writes it.
+async fn store_event_row(backend: &Kassandra, lead_id: &str, seq: usize, event: &AuctionEvent) {
+    session(backend)
+        .await
+        .query_unpaged(
+            "INSERT INTO leadex_test.auction_log (lead_id, seq, event, buyer, detail) VALUES (?, ?, ?, ?, ?)",
+            (lead_id, seq as i64, "ping", "", serde_json::to_string(event).unwrap()),
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_appended_update_on_scylla_writes_only_the_new_log_rows() {
     let backend = Kassandra::new().await;
@@ -914,12 +957,37 @@ async fn an_appended_update_on_scylla_writes_only_the_new_log_rows() {
         .insert_lead(Arc::new(lead.clone()), None)
         .await
         .unwrap();
-    // Given a record whose first three events differ from the stored ones, an update that
-    // says three are stored writes only the fourth: the stored three are read back as they
-    // were. (A re-auction always hands over the stored log with events added after it.)
-    let mut next = lead.clone();
-    next.auction_log = (10..14).map(event).collect();
-    store.update_lead_appended(next, 3).await.unwrap();
+    // The stored rows are not rewritten: three rows made unreadable stay unread, and the
+    // lead's row says how long its log is, so a re-auction's read needs no log row.
+    for seq in 0..3_i64 {
+        session(&backend)
+            .await
+            .query_unpaged(
+                "INSERT INTO leadex_test.auction_log (lead_id, seq, event, buyer, detail) VALUES (?, ?, ?, ?, ?)",
+                (lead.lead_id.as_str(), seq, "ping", "", "not json"),
+            )
+            .await
+            .unwrap();
+    }
+    let (head, stored) = store
+        .get_lead_for_reauction(&lead.lead_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((head, stored), (lead.head(), 3));
+    let next = LeadRecord {
+        auction_log: vec![event(13)],
+        ..lead.head()
+    };
+    store.append_lead(next, 3).await.unwrap();
+    assert!(
+        store.get_lead(&lead.lead_id).await.is_err(),
+        "rows 0-2 still unreadable"
+    );
+    // Rows written back as they were: the appended event is the fourth.
+    for seq in 0..3_usize {
+        store_event_row(&backend, &lead.lead_id, seq, &event(seq)).await;
+    }
     let read = store.get_lead(&lead.lead_id).await.unwrap().unwrap();
     assert_eq!(
         read.auction_log,
@@ -946,11 +1014,7 @@ async fn queue_entries_left_behind_on_scylla_take_no_place_in_a_page() {
     // Entries a concurrent update could leave behind: the first lead at an earlier due time,
     // a lead that is not stored, and the second lead in another campaign's queue; all of them
     // sort before the real entries.
-    let session = scylla::client::session_builder::SessionBuilder::new()
-        .known_node(backend._server.node())
-        .build()
-        .await
-        .unwrap();
+    let session = session(&backend).await;
     let bucket = due.div_euclid(HOUR);
     for (campaign, at, lead_id) in [
         (campaign, due - 10, leads[0].lead_id.as_str()),

@@ -673,9 +673,11 @@ impl Shared {
         let campaign = self.settings.id.clone();
         // Read under the lease: the stored lead may have changed since it was listed (another
         // node may have sold it, or auctioned it and queued it for later).
+        // The lead is read without its log, which grows with every re-auction: what this one
+        // adds goes after the log as stored, and only that is written.
         let now = self.clock.now_ms();
-        let mut current = match self.store.get_lead(lead_id).await {
-            Ok(Some(current)) if current.due_at(now) => current,
+        let (mut current, stored_log_len) = match self.store.get_lead_for_reauction(lead_id).await {
+            Ok(Some((current, len))) if current.due_at(now) => (current, len),
             Ok(_) => return Retry::Passed,
             Err(e) => {
                 tracing::error!(error = %e, "pending lead could not be read");
@@ -683,8 +685,6 @@ impl Shared {
             }
         };
         let record = &mut current;
-        // What the re-auction adds goes after the log as stored.
-        let stored_log_len = record.auction_log.len();
         let mut resolved = None;
         if policy.expired(record.created_at_ms, now) {
             record.status = LeadStatus::Unsold;
@@ -741,11 +741,7 @@ impl Shared {
             Some(_) => self.webhooks.prepare(record).await,
             None => None,
         };
-        if let Err(e) = self
-            .store
-            .update_lead_appended(record.clone(), stored_log_len)
-            .await
-        {
+        if let Err(e) = self.store.append_lead(record.clone(), stored_log_len).await {
             tracing::error!(error = %e, status = record.status.as_str(), buyers = ?record.buyer_ids, "re-auction outcome could not be stored");
             if let Some(notice) = notice {
                 // The write may have been applied though it failed: sent if it reads back.

@@ -85,8 +85,8 @@ const IDLE_BACKOFF: Duration = Duration::from_secs(10);
 enum WriteOp {
     Insert(Arc<LeadRecord>, Option<(String, IdempotentAnswer)>),
     Update(Arc<LeadRecord>),
-    /// `update_lead_appended` as asked: the whole record, of whose log the first `usize`
-    /// events are stored. The writer turns it into `Appended` when the stored log is that long
+    /// `append_lead`'s write: the whole record, of whose log the first `usize` events are
+    /// stored. The writer turns it into `Appended` when the stored log is that long
     /// (`Writer::resolve`); left as it is, it is an `Update`.
     Append(Arc<LeadRecord>, usize),
     Appended(Arc<Appended>),
@@ -869,21 +869,7 @@ impl Writer {
             .map_err(corrupt)?
             .auction_log
             .len();
-        let tails = txn.open_table(LOG_TAIL).map_err(backend)?;
-        let len = match tails
-            .range((lead_id, 0)..=(lead_id, u32::MAX))
-            .map_err(backend)?
-            .next_back()
-        {
-            Some(row) => {
-                let (key, events) = row.map_err(backend)?;
-                let added = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(events.value())
-                    .map_err(corrupt)?
-                    .len();
-                key.value().1 as usize + added
-            }
-            None => inline,
-        };
+        let len = log_len(&txn, lead_id, inline)?;
         Ok(Some(LogShape { len, inline }))
     }
 
@@ -1512,6 +1498,30 @@ impl EmbeddedStore {
     }
 }
 
+/// The length of a stored lead's log, whose record holds its first `inline` events: past
+/// them, where its last `LOG_TAIL` row ends.
+fn log_len(
+    txn: &redb::ReadTransaction,
+    lead_id: &str,
+    inline: usize,
+) -> Result<usize, StorageError> {
+    let tails = txn.open_table(LOG_TAIL).map_err(backend)?;
+    let last = tails
+        .range((lead_id, 0)..=(lead_id, u32::MAX))
+        .map_err(backend)?
+        .next_back();
+    match last {
+        Some(row) => {
+            let (key, events) = row.map_err(backend)?;
+            let added = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(events.value())
+                .map_err(corrupt)?
+                .len();
+            Ok(key.value().1 as usize + added)
+        }
+        None => Ok(inline),
+    }
+}
+
 #[async_trait]
 impl LeadStore for EmbeddedStore {
     async fn insert_lead(
@@ -1526,13 +1536,44 @@ impl LeadStore for EmbeddedStore {
         self.write(WriteOp::Update(Arc::new(record))).await
     }
 
-    async fn update_lead_appended(
+    /// The record and the length of its log, without reading its `LOG_TAIL` rows' events
+    /// but the last row's.
+    async fn get_lead_for_reauction(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<(LeadRecord, usize)>, StorageError> {
+        let db = self.db()?;
+        if let Some(record) = self.overlay().lead(lead_id) {
+            return Ok(Some((record.head(), record.auction_log.len())));
+        }
+        let txn = db.begin_read().map_err(backend)?;
+        let leads = txn.open_table(LEADS).map_err(backend)?;
+        let Some(bytes) = leads.get(lead_id).map_err(backend)? else {
+            return Ok(None);
+        };
+        let record: LeadRecord = serde_json::from_slice(bytes.value()).map_err(corrupt)?;
+        let len = log_len(&txn, lead_id, record.auction_log.len())?;
+        Ok(Some((record.without_log(), len)))
+    }
+
+    /// Reads the stored log (the overlay's readers need the whole record) and logs only the
+    /// events added (`WriteOp::Append`).
+    async fn append_lead(
         &self,
         record: LeadRecord,
         stored_log_len: usize,
     ) -> Result<(), StorageError> {
-        self.write(WriteOp::Append(Arc::new(record), stored_log_len))
-            .await
+        let stored = self
+            .get_lead(&record.lead_id)
+            .await?
+            .map(|stored| stored.auction_log)
+            .unwrap_or_default();
+        let (auction_log, kept) = super::appended_log(stored, stored_log_len, record.auction_log);
+        let whole = LeadRecord {
+            auction_log,
+            ..record
+        };
+        self.write(WriteOp::Append(Arc::new(whole), kept)).await
     }
 
     async fn pending_due_after(
@@ -2177,13 +2218,15 @@ mod tests {
             .unwrap();
         let mut sizes = Vec::new();
         for round in 0..40 {
-            let stored = lead.auction_log.len();
+            let (head, stored) = store.get_lead_for_reauction("A").await.unwrap().unwrap();
+            assert_eq!((head, stored), (lead.head(), lead.auction_log.len()));
             lead.next_retry_ms = Some(200 + round);
-            lead.auction_log.extend((0..5).map(|i| event(100 + i)));
+            let added: Vec<AuctionEvent> = (0..5).map(|i| event(100 + i)).collect();
             store
-                .update_lead_appended(lead.clone(), stored)
+                .append_lead(added_to(&lead, &added), stored)
                 .await
                 .unwrap();
+            lead.auction_log.extend(added);
             assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
             let overlay = store.overlay();
             let write = &overlay.leads["A"].1;
@@ -2196,11 +2239,31 @@ mod tests {
         let whole = serde_json::to_vec(&lead).unwrap().len();
         assert!(sizes[39] <= sizes[0] + 16, "{sizes:?}");
         assert!(sizes[39] * 10 < whole, "{} of {whole}", sizes[39]);
-        // A stored length that is not the stored log's is written whole.
-        let stored = lead.auction_log.len() - 1;
-        lead.auction_log.push(event(500));
+        // The same events again at the same place (a spilled sale replayed after a crash):
+        // not added twice.
+        let stored = lead.auction_log.len() - 5;
+        let last: Vec<AuctionEvent> = lead.auction_log[stored..].to_vec();
         store
-            .update_lead_appended(lead.clone(), stored)
+            .append_lead(added_to(&lead, &last), stored)
+            .await
+            .unwrap();
+        assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        // Events said to go after a log shorter than the stored one go after the stored one:
+        // none is lost.
+        store
+            .append_lead(added_to(&lead, &[event(500)]), stored - 1)
+            .await
+            .unwrap();
+        lead.auction_log.push(event(500));
+        assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        // A write whose stored length no longer holds when the writer takes it (another write
+        // came between) is written whole.
+        lead.auction_log.push(event(501));
+        store
+            .write(WriteOp::Append(
+                Arc::new(lead.clone()),
+                lead.auction_log.len() - 3,
+            ))
             .await
             .unwrap();
         assert!(matches!(
@@ -2209,6 +2272,14 @@ mod tests {
         ));
         assert_eq!(store.get_lead("A").await.unwrap(), Some(lead));
         store.close().await.unwrap();
+    }
+
+    /// `lead` with only `added` in its log, as a re-auction hands its outcome over.
+    fn added_to(lead: &LeadRecord, added: &[AuctionEvent]) -> LeadRecord {
+        LeadRecord {
+            auction_log: added.to_vec(),
+            ..lead.head()
+        }
     }
 
     #[tokio::test]
@@ -2227,12 +2298,12 @@ mod tests {
                     applied(&store).await;
                 }
                 let stored = lead.auction_log.len();
-                lead.auction_log
-                    .extend((0..4).map(|i| event(round * 4 + i)));
+                let added: Vec<AuctionEvent> = (0..4).map(|i| event(round * 4 + i)).collect();
                 store
-                    .update_lead_appended(lead.clone(), stored)
+                    .append_lead(added_to(&lead, &added), stored)
                     .await
                     .unwrap();
+                lead.auction_log.extend(added);
             }
             applied(&store).await;
             assert_eq!(head_row(&store, "A").auction_log.len(), 3);
@@ -2351,8 +2422,9 @@ mod tests {
             .insert_lead(Arc::new(lead.clone()), None)
             .await
             .unwrap();
-        lead.auction_log.extend((10..14).map(event));
-        store.update_lead_appended(lead.clone(), 2).await.unwrap();
+        let added: Vec<AuctionEvent> = (10..14).map(event).collect();
+        store.append_lead(added_to(&lead, &added), 2).await.unwrap();
+        lead.auction_log.extend(added.clone());
         // From the overlay, then from redb with its log row made unreadable.
         assert_eq!(
             store.get_lead_without_log("A").await.unwrap(),
@@ -2370,7 +2442,25 @@ mod tests {
         assert!(store.get_lead("A").await.is_err());
         assert_eq!(
             store.get_lead_without_log("A").await.unwrap(),
-            Some(lead.without_log())
+            Some(lead.clone().without_log())
+        );
+        // A re-auction's read parses the last log row only for its length.
+        {
+            let txn = store.db().unwrap().begin_write().unwrap();
+            txn.open_table(LOG_TAIL)
+                .unwrap()
+                .insert(("A", 2), serde_json::to_vec(&added).unwrap().as_slice())
+                .unwrap();
+            txn.open_table(LOG_TAIL)
+                .unwrap()
+                .insert(("A", 6), b"[1, 2, 3]".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(store.get_lead("A").await.is_err());
+        assert_eq!(
+            store.get_lead_for_reauction("A").await.unwrap(),
+            Some((lead.without_log(), 9))
         );
         assert_eq!(store.get_lead_without_log("B").await.unwrap(), None);
         store.close().await.unwrap();

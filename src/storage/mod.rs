@@ -131,6 +131,22 @@ impl LeadRecord {
     }
 }
 
+/// The whole log once a re-auction's `added` events are stored after `stored`, the log it
+/// read being `from` events long (see `LeadStore::append_lead`), and how many of its events
+/// were stored already.
+pub fn appended_log(
+    mut stored: Vec<AuctionEvent>,
+    from: usize,
+    added: Vec<AuctionEvent>,
+) -> (Vec<AuctionEvent>, usize) {
+    let kept = stored.len();
+    let repeat = !added.is_empty() && kept == from + added.len() && stored[from..] == added[..];
+    if !repeat {
+        stored.extend(added);
+    }
+    (stored, kept)
+}
+
 /// The answer given for an `Idempotency-Key`, kept so a repeat gets it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotentAnswer {
@@ -169,18 +185,41 @@ pub trait LeadStore: Send + Sync + 'static {
     /// queue according to `next_retry_ms`; returns once durable.
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError>;
 
-    /// As `update_lead`, for a record whose auction log is the stored one with events added
-    /// at its end, the first `stored_log_len` of them stored already (a re-auction's outcome):
-    /// a backend that keeps the log as rows writes only the new ones, so a lead auctioned again
-    /// every minute for a day does not rewrite its whole log each time. A lead whose stored log
-    /// is not `stored_log_len` long has its log rewritten whole.
-    async fn update_lead_appended(
+    /// The lead without its auction log, and how many events that log holds: what a
+    /// re-auction reads under its lease, as it only adds events after the stored ones.
+    async fn get_lead_for_reauction(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<(LeadRecord, usize)>, StorageError> {
+        Ok(self.get_lead(lead_id).await?.map(|record| {
+            let len = record.auction_log.len();
+            (record.without_log(), len)
+        }))
+    }
+
+    /// Stores a re-auction's outcome: `record` as it now is, with in `auction_log` only the
+    /// events that auction added, which go after the `stored_log_len` events it found
+    /// stored; returns once durable. A backend that keeps the log as rows writes only the new
+    /// ones, so a lead auctioned every minute for a day does not rewrite its whole log each
+    /// time. Safe to repeat (a spilled sale replayed after a crash): events stored already
+    /// at `stored_log_len` are not added again. When the stored log is not `stored_log_len`
+    /// long the events go after it, whatever it holds, so none is lost.
+    async fn append_lead(
         &self,
         record: LeadRecord,
         stored_log_len: usize,
     ) -> Result<(), StorageError> {
-        let _ = stored_log_len;
-        self.update_lead(record).await
+        let stored = self
+            .get_lead(&record.lead_id)
+            .await?
+            .map(|stored| stored.auction_log)
+            .unwrap_or_default();
+        let (auction_log, _) = appended_log(stored, stored_log_len, record.auction_log);
+        self.update_lead(LeadRecord {
+            auction_log,
+            ..record
+        })
+        .await
     }
 
     /// Pending leads of a campaign due for another auction at `due_ms` (their

@@ -33,6 +33,10 @@ struct Spilled {
     /// A pending lead that sold when auctioned again: replayed as an update of its record.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     update: bool,
+    /// An update whose record's log holds only the events its re-auction added, after this
+    /// many stored ones: replayed with `append_lead`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    appended_at: Option<usize>,
 }
 
 struct Spill {
@@ -144,7 +148,9 @@ impl SpillingStore {
                 {
                     continue;
                 }
-                let stored_now = if entry.update {
+                let stored_now = if let Some(from) = entry.appended_at {
+                    self.inner.append_lead(entry.record.clone(), from).await
+                } else if entry.update {
                     self.inner.update_lead(entry.record.clone()).await
                 } else {
                     self.inner
@@ -235,16 +241,17 @@ impl SpillingStore {
         }
     }
 
-    /// Updates the lead in storage (only its new log events when `stored_log_len` says how
-    /// many are stored); a re-auctioned lead that sold is spilled whole if storage refuses it.
+    /// Updates the lead in storage (with `appended_at`, adds its record's log events after
+    /// that many stored ones: `append_lead`); a re-auctioned lead that sold is spilled, to be
+    /// written the same way, if storage refuses it.
     async fn update(
         &self,
         record: LeadRecord,
-        stored_log_len: Option<usize>,
+        appended_at: Option<usize>,
     ) -> Result<(), StorageError> {
         let write = |record: LeadRecord| async move {
-            match stored_log_len {
-                Some(len) => self.inner.update_lead_appended(record, len).await,
+            match appended_at {
+                Some(from) => self.inner.append_lead(record, from).await,
                 None => self.inner.update_lead(record).await,
             }
         };
@@ -260,6 +267,7 @@ impl SpillingStore {
                     record: backup,
                     idempotency: None,
                     update: true,
+                    appended_at,
                 };
                 self.keep(entry, cause).await
             }
@@ -288,14 +296,14 @@ impl SpillingStore {
     }
 
     /// The newest spilled version of `lead_id`, if the spill holds it.
-    async fn spilled_lead(&self, lead_id: &str) -> Option<LeadRecord> {
+    async fn spilled_lead(&self, lead_id: &str) -> Option<Spilled> {
         let spill = self.spill.lock().await;
         spill
             .entries
             .iter()
             .rev()
             .find(|e| e.record.lead_id == lead_id)
-            .map(|e| e.record.clone())
+            .cloned()
     }
 }
 
@@ -359,6 +367,7 @@ impl LeadStore for SpillingStore {
                     record: Arc::unwrap_or_clone(record),
                     idempotency,
                     update: false,
+                    appended_at: None,
                 };
                 self.keep(entry, cause).await
             }
@@ -372,27 +381,52 @@ impl LeadStore for SpillingStore {
     }
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
-        if let Some(record) = self.spilled_lead(lead_id).await {
-            return Ok(Some(record));
-        }
-        self.inner.get_lead(lead_id).await
+        let Some(entry) = self.spilled_lead(lead_id).await else {
+            return self.inner.get_lead(lead_id).await;
+        };
+        let Some(from) = entry.appended_at else {
+            return Ok(Some(entry.record));
+        };
+        // A re-auction's sale: its new events after the log as stored.
+        let stored = self
+            .inner
+            .get_lead(lead_id)
+            .await?
+            .map(|stored| stored.auction_log)
+            .unwrap_or_default();
+        let (auction_log, _) = super::appended_log(stored, from, entry.record.auction_log);
+        Ok(Some(LeadRecord {
+            auction_log,
+            ..entry.record
+        }))
     }
 
     async fn get_lead_without_log(
         &self,
         lead_id: &str,
     ) -> Result<Option<LeadRecord>, StorageError> {
-        if let Some(record) = self.spilled_lead(lead_id).await {
-            return Ok(Some(record.without_log()));
+        if let Some(entry) = self.spilled_lead(lead_id).await {
+            return Ok(Some(entry.record.without_log()));
         }
         self.inner.get_lead_without_log(lead_id).await
+    }
+
+    async fn get_lead_for_reauction(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<(LeadRecord, usize)>, StorageError> {
+        if let Some(entry) = self.spilled_lead(lead_id).await {
+            let len = entry.appended_at.unwrap_or(0) + entry.record.auction_log.len();
+            return Ok(Some((entry.record.without_log(), len)));
+        }
+        self.inner.get_lead_for_reauction(lead_id).await
     }
 
     async fn update_lead(&self, record: LeadRecord) -> Result<(), StorageError> {
         self.update(record, None).await
     }
 
-    async fn update_lead_appended(
+    async fn append_lead(
         &self,
         record: LeadRecord,
         stored_log_len: usize,
@@ -673,6 +707,70 @@ mod tests {
                 .len(),
             1
         );
+        store.close().await.unwrap();
+    }
+
+    fn ping_event(buyer: &str) -> crate::storage::AuctionEvent {
+        crate::storage::AuctionEvent::Ping {
+            buyer: buyer.into(),
+            outcome: "no_bid".into(),
+            bid_cents: None,
+            latency_us: 900,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_re_auction_sale_is_spilled_with_its_own_events_and_replayed_after_the_stored_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let flaky = Flaky::new(dir.path());
+        let path = dir.path().join("spill.jsonl");
+        let store = SpillingStore::open(flaky.clone(), &path, 10).unwrap();
+        let first = vec![ping_event("first-a"), ping_event("first-b")];
+        let stored = LeadRecord {
+            auction_log: first.clone(),
+            ..pending("L1")
+        };
+        store.insert_lead(Arc::new(stored), None).await.unwrap();
+
+        // L1 sells when auctioned again, and storage refuses the write.
+        flaky.failing.store(true, Ordering::Release);
+        let added = vec![ping_event("again-a"), ping_event("again-b")];
+        let outcome = LeadRecord {
+            auction_log: added.clone(),
+            ..sold("L1")
+        };
+        store
+            .append_lead(outcome.clone(), 2)
+            .await
+            .expect("spilled");
+        let whole = LeadRecord {
+            auction_log: [first, added].concat(),
+            ..sold("L1")
+        };
+        // The spill holds the re-auction's events only; reads see them after the stored log.
+        let spilled = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            spilled.contains("again-a") && !spilled.contains("first-a"),
+            "{spilled}"
+        );
+        assert_eq!(store.get_lead("L1").await.unwrap(), Some(whole.clone()));
+        assert_eq!(
+            store.get_lead_for_reauction("L1").await.unwrap(),
+            Some((whole.head(), 4))
+        );
+
+        // Replayed once storage is back, and again as after a crash before the spill file was
+        // rewritten: the events are stored once.
+        let copy = dir.path().join("copy.jsonl");
+        std::fs::copy(&path, &copy).unwrap();
+        flaky.failing.store(false, Ordering::Release);
+        store.replay().await.unwrap();
+        assert_eq!(store.spilled().await, 0);
+        assert_eq!(flaky.get_lead("L1").await.unwrap(), Some(whole.clone()));
+        let again = SpillingStore::open(flaky.clone(), &copy, 10).unwrap();
+        again.replay().await.unwrap();
+        assert_eq!(again.spilled().await, 0);
+        assert_eq!(flaky.get_lead("L1").await.unwrap(), Some(whole));
         store.close().await.unwrap();
     }
 

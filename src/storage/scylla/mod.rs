@@ -381,13 +381,13 @@ impl Connected {
         result.map(|_| ())
     }
 
-    /// Stores `record` over the lead; of its auction log only the events past
-    /// `stored_log_len` when the stored log is that long (the events before are stored
-    /// already), else the whole log.
+    /// Stores `record` over the lead. With `appended_at` (a re-auction's outcome) its
+    /// auction log holds only the events that auction added, after the first `appended_at`
+    /// stored ones (see `LeadStore::append_lead`); without, it is the whole log.
     async fn update_lead(
         &self,
         record: LeadRecord,
-        stored_log_len: Option<usize>,
+        appended_at: Option<usize>,
     ) -> Result<(), StorageError> {
         let previous = self
             .one_row::<QueueEntryRow>(
@@ -400,20 +400,34 @@ impl Connected {
         // re-auction made that batch larger each time, until a lead pending for hours passed
         // the cluster's batch size limit and every later update of it failed. Rows past the
         // stored `log_len` are not read, so rows written before a failed update stay unseen.
-        // A re-auction adds events at the end of a log it read: only those are written, or a
-        // lead auctioned every minute for a day would rewrite thousands of rows each time.
-        let stored = previous.as_ref().and_then(|p| p.log_len);
-        let from = match stored_log_len {
-            Some(len) if stored == Some(len as i64) => len,
-            _ => 0,
+        // A re-auction writes only the events it added, or a lead auctioned every minute for
+        // a day would rewrite thousands of rows each time.
+        let stored = previous
+            .as_ref()
+            .and_then(|p| p.log_len)
+            .map(|len| len.max(0) as usize);
+        let first = match (appended_at, stored) {
+            (None, _) | (Some(_), None) => 0,
+            (Some(from), Some(len)) if len == from => from,
+            // Written already (a repeat): the same rows again.
+            (Some(from), Some(len))
+                if !record.auction_log.is_empty()
+                    && len == from + record.auction_log.len()
+                    && self.stored_events(&record.lead_id, from, len).await?
+                        == Some(record.auction_log.clone()) =>
+            {
+                from
+            }
+            // Not the log the re-auction read: its events go after whatever is stored.
+            (Some(_), Some(len)) => len,
         };
-        let mut rows = self.log_parts(&record, from)?;
+        let mut rows = self.log_parts(&record.lead_id, &record.auction_log, first)?;
         while !rows.is_empty() {
             let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_BATCH));
             self.write(rows).await?;
             rows = rest;
         }
-        let mut parts = self.record_parts(&record)?;
+        let mut parts = self.record_parts(&record, first + record.auction_log.len())?;
         if let Some(QueueEntryRow {
             campaign_id,
             next_retry_ms: Some(due),
@@ -439,21 +453,40 @@ impl Connected {
         self.write(parts).await
     }
 
-    /// The rows of `record`'s auction log from its event `from` on.
+    /// The stored events `from..to` of a lead's log; `None` when one of them does not read.
+    async fn stored_events(
+        &self,
+        lead_id: &str,
+        from: usize,
+        to: usize,
+    ) -> Result<Option<Vec<AuctionEvent>>, StorageError> {
+        let mut rows = self
+            .all_rows::<LogRow>(&self.statements.select_log, (lead_id,))
+            .await?;
+        rows.retain(|r| (from as i64..to as i64).contains(&r.seq));
+        rows.sort_by_key(|r| r.seq);
+        Ok(rows
+            .iter()
+            .map(|r| serde_json::from_str(&r.detail).ok())
+            .collect())
+    }
+
+    /// The rows of a lead's auction log for `events`, the first of them at `first`.
     fn log_parts(
         &self,
-        record: &LeadRecord,
-        from: usize,
+        lead_id: &str,
+        events: &[AuctionEvent],
+        first: usize,
     ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
         let mut parts: Vec<(&PreparedStatement, Values)> = Vec::new();
-        for (seq, event) in record.auction_log.iter().enumerate().skip(from) {
+        for (i, event) in events.iter().enumerate() {
             let (name, buyer) = event_name(event);
             let detail = serde_json::to_string(event).map_err(backend)?;
             parts.push((
                 &self.statements.insert_log,
                 Box::new((
-                    record.lead_id.clone(),
-                    seq as i64,
+                    lead_id.to_owned(),
+                    (first + i) as i64,
                     name,
                     buyer.to_owned(),
                     detail,
@@ -463,11 +496,12 @@ impl Connected {
         Ok(parts)
     }
 
-    /// The statements that store `record` and its indexes (pending queue entry included); its
-    /// auction log's rows are `log_parts`.
+    /// The statements that store `record`, whose log is `log_len` events long, and its indexes
+    /// (pending queue entry included); its auction log's rows are `log_parts`.
     fn record_parts(
         &self,
         record: &LeadRecord,
+        log_len: usize,
     ) -> Result<Vec<(&PreparedStatement, Values)>, StorageError> {
         let s = &self.statements;
         let fields = serde_json::to_string(&record.fields).map_err(backend)?;
@@ -485,7 +519,7 @@ impl Connected {
                 record.buyer_ids.clone(),
                 fields,
                 record.next_retry_ms.unwrap_or(NOT_QUEUED),
-                record.auction_log.len() as i64,
+                log_len as i64,
             )),
         ));
         let (day, hour) = day_hour(record.created_at_ms);
@@ -668,8 +702,8 @@ impl LeadStore for ScyllaStore {
     ) -> Result<(), StorageError> {
         let c = self.connected()?;
         // A new lead's log is short (one auction): it goes in the lead's batch.
-        let mut parts = c.record_parts(&record)?;
-        parts.extend(c.log_parts(&record, 0)?);
+        let mut parts = c.record_parts(&record, record.auction_log.len())?;
+        parts.extend(c.log_parts(&record.lead_id, &record.auction_log, 0)?);
         if let Some((key, answer)) = idempotency {
             parts.push((
                 &c.statements.insert_idempotency,
@@ -700,7 +734,25 @@ impl LeadStore for ScyllaStore {
         self.connected()?.update_lead(record, None).await
     }
 
-    async fn update_lead_appended(
+    /// The lead's row alone: it holds the log's length.
+    async fn get_lead_for_reauction(
+        &self,
+        lead_id: &str,
+    ) -> Result<Option<(LeadRecord, usize)>, StorageError> {
+        let c = self.connected()?;
+        match c
+            .one_row::<LeadRow>(&c.statements.select_lead, (lead_id,))
+            .await?
+        {
+            Some(row) => {
+                let len = row.log_len.max(0) as usize;
+                Ok(Some((record_of(row, Vec::new())?, len)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn append_lead(
         &self,
         record: LeadRecord,
         stored_log_len: usize,
