@@ -509,7 +509,7 @@ async fn failed_authentication_is_limited_across_nodes() {
     let a = post(&client, &nodes[1], "not-a-key").await;
     assert_eq!(a.status, 429);
     assert!(a.retry_after.is_some_and(|r| (1..=60).contains(&r)));
-    // Over the limit, the address is refused before its key is looked at.
+    // Over the limit, the right key is refused too, as a wrong one is.
     assert_eq!(post(&client, &nodes[0], KEY).await.status, 429);
     assert_eq!(redis.integer(&["ZCARD", "it:authfail:127.0.0.1"]), 3);
 }
