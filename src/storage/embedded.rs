@@ -14,7 +14,11 @@
 //! the overlay first and then in redb. A range read (pending queue, supplier's day) takes its
 //! keys from both while holding the overlay's read lock, which freezes the overlay, so redb
 //! can hold nothing the overlay does not also cover; a lead found in the overlay is taken from
-//! there, its older index entries in redb are left out.
+//! there, its older index entries in redb are left out. A re-auction's write carries only the
+//! events it adds (a row of their own, `LOG_TAIL`); in the overlay it says where the log before
+//! them is (`Chain`): in an earlier write the overlay still holds, or in redb, which a reader
+//! then reads in a snapshot begun under the overlay's lock; the writer reads only the lead's
+//! record and its last row, for the log's length.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -85,9 +89,9 @@ const IDLE_BACKOFF: Duration = Duration::from_secs(10);
 enum WriteOp {
     Insert(Arc<LeadRecord>, Option<(String, IdempotentAnswer)>),
     Update(Arc<LeadRecord>),
-    /// `append_lead`'s write: the whole record, of whose log the first `usize` events are
-    /// stored. The writer turns it into `Appended` when the stored log is that long
-    /// (`Writer::resolve`); left as it is, it is an `Update`.
+    /// `append_lead` as asked: the lead as it now is, its log holding only the events a
+    /// re-auction added, to go after the first `usize` stored ones. The writer turns it into
+    /// `Appended` (or, for a lead not stored, `Update`) in log order (`Writer::resolve`).
     Append(Arc<LeadRecord>, usize),
     Appended(Arc<Appended>),
     State(String, Vec<u8>),
@@ -99,23 +103,136 @@ struct Appended {
     head: LeadRecord,
     from: u32,
     events: Vec<AuctionEvent>,
-    /// The whole record, for readers of the overlay (absent in a write read back from the log,
-    /// which goes to the tables only).
+    /// Where readers of the overlay find the log before `from` (absent in a write read back
+    /// from the log, which goes to the tables only).
+    chain: Option<Chain>,
+}
+
+/// The log before an appended write, for readers of the overlay: the first `base` events of
+/// `whole` (an earlier write of the lead not yet applied) or, without it, of the lead's log in
+/// redb, then `carried` (the events of appended writes not yet applied between the two).
+/// Built by the writer from what it already holds, so that writing a re-auction's events
+/// never reads the lead's log; a reader joins the parts with a redb snapshot taken under the
+/// overlay's lock, in which the lead is no newer than the overlay's version.
+#[derive(Clone)]
+struct Chain {
     whole: Option<Arc<LeadRecord>>,
+    base: usize,
+    carried: Vec<AuctionEvent>,
 }
 
 impl Appended {
-    /// `whole`'s first `inline` events as its head and the events from `from` on as its row.
-    fn of(whole: Arc<LeadRecord>, inline: usize, from: usize) -> Appended {
-        let head = LeadRecord {
-            auction_log: whole.auction_log[..inline].to_vec(),
-            ..whole.head()
+    /// The whole lead, its log joined from `chain` (redb's part read in `txn`).
+    fn whole(&self, txn: &redb::ReadTransaction) -> Result<LeadRecord, StorageError> {
+        let chain = self.chain.as_ref().ok_or_else(|| {
+            StorageError::Backend(
+                "an appended write read back from the log is in no overlay".into(),
+            )
+        })?;
+        let mut log = match &chain.whole {
+            Some(whole) => whole.auction_log[..chain.base.min(whole.auction_log.len())].to_vec(),
+            None => {
+                let mut log = LeadTables::open(txn)?
+                    .lead(&self.head.lead_id)?
+                    .map(|stored| stored.auction_log)
+                    .unwrap_or_default();
+                log.truncate(chain.base);
+                log
+            }
         };
+        log.extend(chain.carried.iter().cloned());
+        log.extend(self.events.iter().cloned());
+        Ok(LeadRecord {
+            auction_log: log,
+            ..self.head.head()
+        })
+    }
+}
+
+/// A lead's newest version before an appended write (`Writer::resolve`).
+enum Prior {
+    /// An earlier write of the group, or the overlay's.
+    Write(WriteOp),
+    /// In redb: the events its record holds inline, its log's length, and the events of its
+    /// `LOG_TAIL` row at the offset asked for, when that row ends the log.
+    Tables {
+        inline: Vec<AuctionEvent>,
+        len: usize,
+        at_from: Option<Vec<AuctionEvent>>,
+    },
+}
+
+impl Prior {
+    /// The appended write of `record`'s events (its log) after this version, asked for at
+    /// `from`.
+    fn then(self, record: &LeadRecord, from: usize) -> Appended {
+        let added = &record.auction_log;
+        // The log's length, the record's inline events, whether the events from `from` are
+        // `added` already, and how readers find the log before the new events.
+        let (len, mut inline, repeat, mut chain) = match self {
+            Prior::Write(WriteOp::Insert(r, _) | WriteOp::Update(r)) => {
+                let len = r.auction_log.len();
+                let repeat = !added.is_empty()
+                    && len == from + added.len()
+                    && r.auction_log[from..] == added[..];
+                let chain = Chain {
+                    base: len,
+                    whole: Some(r.clone()),
+                    carried: Vec::new(),
+                };
+                (len, r.auction_log.clone(), repeat, chain)
+            }
+            Prior::Write(WriteOp::Appended(a)) => {
+                let len = a.from as usize + a.events.len();
+                let repeat = !added.is_empty() && a.from as usize == from && a.events == *added;
+                let chain = match &a.chain {
+                    Some(c) => {
+                        let mut c = c.clone();
+                        c.carried.extend(a.events.iter().cloned());
+                        c
+                    }
+                    // Only the log's replay writes these, and it resolves nothing.
+                    None => Chain {
+                        base: len,
+                        whole: None,
+                        carried: Vec::new(),
+                    },
+                };
+                (len, a.head.auction_log.clone(), repeat, chain)
+            }
+            Prior::Write(WriteOp::Append(..)) => unreachable!("resolved before it is a prior"),
+            Prior::Write(WriteOp::State(..)) => unreachable!("a state write is no lead's"),
+            Prior::Tables {
+                inline,
+                len,
+                at_from,
+            } => {
+                let repeat = !added.is_empty() && at_from.as_ref() == Some(added);
+                let chain = Chain {
+                    base: len,
+                    whole: None,
+                    carried: Vec::new(),
+                };
+                (len, inline, repeat, chain)
+            }
+        };
+        let at = if len == from || repeat { from } else { len };
+        // Readers get the log up to `at`, then the new events.
+        if at < chain.base {
+            chain.base = at;
+            chain.carried.clear();
+        } else {
+            chain.carried.truncate(at - chain.base);
+        }
+        inline.truncate(at);
         Appended {
-            head,
-            from: from as u32,
-            events: whole.auction_log[from..].to_vec(),
-            whole: Some(whole),
+            head: LeadRecord {
+                auction_log: inline,
+                ..record.head()
+            },
+            from: at.min(u32::MAX as usize) as u32,
+            events: added.clone(),
+            chain: Some(chain),
         }
     }
 }
@@ -129,24 +246,31 @@ struct LogShape {
 }
 
 impl WriteOp {
-    /// The lead this writes, as readers of the overlay see it.
-    fn lead(&self) -> Option<&LeadRecord> {
+    /// The lead's record this writes: the whole lead, but for an appended write, whose
+    /// record holds only its inline events (`Appended::whole` joins the rest).
+    fn record(&self) -> Option<&LeadRecord> {
         match self {
             WriteOp::Insert(r, _) | WriteOp::Update(r) | WriteOp::Append(r, _) => Some(r),
-            WriteOp::Appended(a) => a.whole.as_deref(),
+            WriteOp::Appended(a) => Some(&a.head),
             WriteOp::State(..) => None,
         }
     }
 
     /// The id of the lead this writes.
     fn lead_id(&self) -> Option<&str> {
+        self.record().map(|r| r.lead_id.as_str())
+    }
+
+    /// The whole lead this writes, as readers of the overlay see it (`txn` taken under the
+    /// overlay's lock).
+    fn whole(&self, txn: &redb::ReadTransaction) -> Result<Option<LeadRecord>, StorageError> {
         match self {
-            WriteOp::Appended(a) => Some(&a.head.lead_id),
-            op => op.lead().map(|r| r.lead_id.as_str()),
+            WriteOp::Appended(a) => a.whole(txn).map(Some),
+            op => Ok(op.record().cloned()),
         }
     }
 
-    /// How the lead's log is kept once this is written.
+    /// How the lead's log is kept once this is written (an `Append` is resolved first).
     fn shape(&self) -> Option<LogShape> {
         match self {
             WriteOp::Insert(r, _) | WriteOp::Update(r) | WriteOp::Append(r, _) => Some(LogShape {
@@ -337,8 +461,9 @@ impl Overlay {
         self.pending.retain(|_, s| *s > seq);
     }
 
-    fn lead(&self, lead_id: &str) -> Option<&LeadRecord> {
-        self.leads.get(lead_id)?.1.op.lead()
+    /// The lead's record as the overlay's newest write of it holds it (`WriteOp::record`).
+    fn record(&self, lead_id: &str) -> Option<&LeadRecord> {
+        self.leads.get(lead_id)?.1.op.record()
     }
 
     fn len(&self) -> usize {
@@ -679,8 +804,21 @@ impl Writer {
             if !batch.is_empty() {
                 let started = Instant::now();
                 let size = batch.len();
-                let (ops, waiters): (Vec<WriteOp>, Vec<_>) =
-                    batch.drain(..).map(|job| (job.op, job.done)).unzip();
+                // A re-auction's write whose lead cannot be read fails alone.
+                let mut ops = Vec::with_capacity(size);
+                let mut waiters = Vec::with_capacity(size);
+                for (op, done) in self.resolve(batch.drain(..).map(|job| (job.op, job.done))) {
+                    match op {
+                        Ok(op) => {
+                            ops.push(op);
+                            waiters.push(done);
+                        }
+                        Err(e) => {
+                            metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                            let _ = done.send(Err(e));
+                        }
+                    }
+                }
                 let (failed, logged) = match self.commit_group(ops) {
                     Ok(logged) => (None, logged),
                     Err(e) => (Some(e.to_string()), None),
@@ -769,8 +907,7 @@ impl Writer {
         &mut self,
         ops: Vec<WriteOp>,
     ) -> Result<Option<Vec<Arc<Encoded>>>, StorageError> {
-        let encoded = self
-            .resolve(ops)
+        let encoded = ops
             .into_iter()
             .map(|op| encode(op).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -802,50 +939,64 @@ impl Writer {
         Ok(Some(encoded))
     }
 
-    /// Turns each `Append` into an `Appended` when the lead's stored log (its newest version:
-    /// earlier in the group, in the overlay, or in redb) is as long as the caller read it, and
-    /// into the whole record (`Update`) when it is not or cannot be read. Decided here, in log
-    /// order, so the log holds what the tables get and a replay gives the same tables.
-    fn resolve(&self, ops: Vec<WriteOp>) -> Vec<WriteOp> {
-        if !ops.iter().any(|op| matches!(op, WriteOp::Append(..))) {
-            return ops;
+    /// Turns each `Append` into an `Appended` at the end of the lead's stored log (its newest
+    /// version: earlier in the group, in the overlay, or in redb), or into an `Update` when
+    /// the lead is not stored. Decided here, in log order, so the log holds what the tables get
+    /// and a replay gives the same tables. The events go at the offset the re-auction read
+    /// when the stored log is that long, and again there when they are what is stored from it
+    /// (a repeat); else after the stored log, so none is lost.
+    fn resolve<T>(
+        &self,
+        ops: impl Iterator<Item = (WriteOp, T)>,
+    ) -> Vec<(Result<WriteOp, StorageError>, T)> {
+        let ops: Vec<(WriteOp, T)> = ops.collect();
+        if !ops.iter().any(|(op, _)| matches!(op, WriteOp::Append(..))) {
+            return ops.into_iter().map(|(op, t)| (Ok(op), t)).collect();
         }
-        let mut newest: HashMap<String, LogShape> = HashMap::new();
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
+        // Each lead's newest write in the group so far, by its place in `out`.
+        let mut newest: HashMap<String, usize> = HashMap::new();
+        let mut out: Vec<(Result<WriteOp, StorageError>, T)> = Vec::with_capacity(ops.len());
+        for (op, waiter) in ops {
             let op = match op {
                 WriteOp::Append(record, from) => {
-                    let stored = match newest.get(&record.lead_id) {
-                        Some(shape) => Some(*shape),
-                        None => self.stored_shape(&record.lead_id).unwrap_or_else(|e| {
-                            tracing::warn!(lead_id = %record.lead_id, error = %e, "stored log unreadable; the lead is written whole");
-                            None
-                        }),
+                    let prior = match newest.get(&record.lead_id) {
+                        Some(&i) => match &out[i].0 {
+                            Ok(op) => Ok(Some(Prior::Write(op.clone()))),
+                            Err(_) => unreachable!("only written ops are the newest"),
+                        },
+                        None => self.prior(&record.lead_id, from, record.auction_log.len()),
                     };
-                    match stored {
-                        Some(s)
-                            if s.len == from
-                                && s.inline <= from
-                                && from <= record.auction_log.len()
-                                && from <= u32::MAX as usize =>
-                        {
-                            WriteOp::Appended(Arc::new(Appended::of(record, s.inline, from)))
+                    match prior {
+                        Ok(None) => Ok(WriteOp::Update(record)),
+                        Ok(Some(prior)) => {
+                            Ok(WriteOp::Appended(Arc::new(prior.then(&record, from))))
                         }
-                        _ => WriteOp::Update(record),
+                        Err(e) => {
+                            tracing::error!(lead_id = %record.lead_id, error = %e, "stored lead unreadable; the re-auction's outcome is not stored");
+                            Err(e)
+                        }
                     }
                 }
-                op => op,
+                op => Ok(op),
             };
-            if let (Some(lead_id), Some(shape)) = (op.lead_id(), op.shape()) {
-                newest.insert(lead_id.to_owned(), shape);
+            if let Ok(op) = &op
+                && let Some(lead_id) = op.lead_id()
+            {
+                newest.insert(lead_id.to_owned(), out.len());
             }
-            out.push(op);
+            out.push((op, waiter));
         }
         out
     }
 
-    /// How the newest stored version of a lead keeps its log; `None` if it is not stored.
-    fn stored_shape(&self, lead_id: &str) -> Result<Option<LogShape>, StorageError> {
+    /// The newest stored version of a lead, for an append of `added` events at `from`; `None`
+    /// if it is not stored.
+    fn prior(
+        &self,
+        lead_id: &str,
+        from: usize,
+        added: usize,
+    ) -> Result<Option<Prior>, StorageError> {
         if let Some((_, write)) = self
             .overlay
             .read()
@@ -853,7 +1004,7 @@ impl Writer {
             .leads
             .get(lead_id)
         {
-            return Ok(write.op.shape());
+            return Ok(Some(Prior::Write(write.op.clone())));
         }
         // Not in the overlay: redb holds its newest version (committed before it leaves).
         let txn = self.db.begin_read().map_err(backend)?;
@@ -861,16 +1012,23 @@ impl Writer {
         let Some(head) = leads.get(lead_id).map_err(backend)? else {
             return Ok(None);
         };
-        #[derive(serde::Deserialize)]
-        struct Head {
-            auction_log: Vec<serde::de::IgnoredAny>,
-        }
-        let inline = serde_json::from_slice::<Head>(head.value())
-            .map_err(corrupt)?
-            .auction_log
-            .len();
-        let len = log_len(&txn, lead_id, inline)?;
-        Ok(Some(LogShape { len, inline }))
+        let head: LeadRecord = serde_json::from_slice(head.value()).map_err(corrupt)?;
+        let len = log_len(&txn, lead_id, head.auction_log.len())?;
+        // A repeat can only be of a row at `from` that ends the log.
+        let at_from = if added > 0 && len == from + added && from <= u32::MAX as usize {
+            let tails = txn.open_table(LOG_TAIL).map_err(backend)?;
+            match tails.get((lead_id, from as u32)).map_err(backend)? {
+                Some(row) => serde_json::from_slice(row.value()).ok(),
+                None => None,
+            }
+        } else {
+            None
+        };
+        Ok(Some(Prior::Tables {
+            inline: head.auction_log,
+            len,
+            at_from,
+        }))
     }
 
     /// Has the applier commit everything logged so far, plus `writes`, durably (storing
@@ -1120,11 +1278,16 @@ fn encode(op: WriteOp) -> Result<Encoded, StorageError> {
                 .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
             serde_json::to_vec(r.as_ref()).map_err(backend)?
         }
-        WriteOp::Update(r) | WriteOp::Append(r, _) => {
+        WriteOp::Update(r) => {
             queue = r
                 .next_retry_ms
                 .map(|due| pending_key(&r.campaign_id, due, &r.lead_id));
             serde_json::to_vec(r.as_ref()).map_err(backend)?
+        }
+        WriteOp::Append(..) => {
+            return Err(StorageError::Backend(
+                "an append reached the log unresolved".into(),
+            ));
         }
         WriteOp::Appended(a) => {
             let r = &a.head;
@@ -1229,7 +1392,7 @@ fn decode(payload: &[u8]) -> Result<WriteOp, StorageError> {
                 head,
                 from,
                 events,
-                whole: None,
+                chain: None,
             }))
         }
         _ => return Err(corrupt()),
@@ -1371,7 +1534,7 @@ fn read_found(
     let mut tables = None;
     for (_, lead) in found.into_iter().take(limit) {
         match lead {
-            Found::Overlay(write) => out.extend(write.op.lead().cloned()),
+            Found::Overlay(write) => out.extend(write.op.whole(txn)?),
             Found::Table(lead_id) => {
                 let tables = match &mut tables {
                     Some(tables) => tables,
@@ -1452,7 +1615,7 @@ impl EmbeddedStore {
             let queue = txn.open_table(PENDING).map_err(backend)?;
             // A key of the overlay counts while its lead's newest version is due then.
             for (key, _) in overlay.pending.range((start.clone(), end.clone())) {
-                if let Some(record) = overlay.lead(lead_of(key))
+                if let Some(record) = overlay.record(lead_of(key))
                     && record
                         .next_retry_ms
                         .map(|due| pending_key(campaign_id, due, &record.lead_id))
@@ -1543,8 +1706,10 @@ impl LeadStore for EmbeddedStore {
         lead_id: &str,
     ) -> Result<Option<(LeadRecord, usize)>, StorageError> {
         let db = self.db()?;
-        if let Some(record) = self.overlay().lead(lead_id) {
-            return Ok(Some((record.head(), record.auction_log.len())));
+        if let Some((_, write)) = self.overlay().leads.get(lead_id)
+            && let (Some(record), Some(shape)) = (write.op.record(), write.op.shape())
+        {
+            return Ok(Some((record.head(), shape.len)));
         }
         let txn = db.begin_read().map_err(backend)?;
         let leads = txn.open_table(LEADS).map_err(backend)?;
@@ -1556,24 +1721,15 @@ impl LeadStore for EmbeddedStore {
         Ok(Some((record.without_log(), len)))
     }
 
-    /// Reads the stored log (the overlay's readers need the whole record) and logs only the
-    /// events added (`WriteOp::Append`).
+    /// Hands the writer the new events only: it puts them after the stored log
+    /// (`Writer::resolve`) without reading that log.
     async fn append_lead(
         &self,
         record: LeadRecord,
         stored_log_len: usize,
     ) -> Result<(), StorageError> {
-        let stored = self
-            .get_lead(&record.lead_id)
-            .await?
-            .map(|stored| stored.auction_log)
-            .unwrap_or_default();
-        let (auction_log, kept) = super::appended_log(stored, stored_log_len, record.auction_log);
-        let whole = LeadRecord {
-            auction_log,
-            ..record
-        };
-        self.write(WriteOp::Append(Arc::new(whole), kept)).await
+        self.write(WriteOp::Append(Arc::new(record), stored_log_len))
+            .await
     }
 
     async fn pending_due_after(
@@ -1619,11 +1775,25 @@ impl LeadStore for EmbeddedStore {
 
     async fn get_lead(&self, lead_id: &str) -> Result<Option<LeadRecord>, StorageError> {
         let db = self.db()?;
-        if let Some(record) = self.overlay().lead(lead_id) {
-            return Ok(Some(record.clone()));
+        let joined = {
+            let overlay = self.overlay();
+            match overlay.leads.get(lead_id) {
+                // Its log may be joined to redb's (`Chain`): a snapshot begun under the
+                // overlay's lock holds nothing of the lead newer than this write.
+                Some((_, write)) if matches!(write.op, WriteOp::Appended(_)) => {
+                    Some((write.clone(), db.begin_read().map_err(backend)?))
+                }
+                Some((_, write)) => return Ok(write.op.record().cloned()),
+                None => None,
+            }
+        };
+        match joined {
+            Some((write, txn)) => write.op.whole(&txn),
+            None => {
+                let txn = db.begin_read().map_err(backend)?;
+                LeadTables::open(&txn)?.lead(lead_id)
+            }
         }
-        let txn = db.begin_read().map_err(backend)?;
-        LeadTables::open(&txn)?.lead(lead_id)
     }
 
     async fn get_lead_without_log(
@@ -1631,7 +1801,7 @@ impl LeadStore for EmbeddedStore {
         lead_id: &str,
     ) -> Result<Option<LeadRecord>, StorageError> {
         let db = self.db()?;
-        if let Some(record) = self.overlay().lead(lead_id) {
+        if let Some(record) = self.overlay().record(lead_id) {
             return Ok(Some(record.head()));
         }
         // The record alone: the events it holds inline (its first auction's) are few, and its
@@ -2130,7 +2300,7 @@ mod tests {
         .await
         .expect("answered without waiting for the queue")
         .unwrap();
-        assert!(store.overlay().lead("A").is_some(), "readable at once");
+        assert!(store.overlay().record("A").is_some(), "readable at once");
         assert!(!in_table(&store, "A"), "not handed over yet");
         release_tx.send(()).unwrap();
         holder.join().unwrap();
@@ -2256,20 +2426,75 @@ mod tests {
             .unwrap();
         lead.auction_log.push(event(500));
         assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
-        // A write whose stored length no longer holds when the writer takes it (another write
-        // came between) is written whole.
-        lead.auction_log.push(event(501));
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn appended_writes_not_yet_applied_read_whole_over_the_log_in_redb() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(applying_every_10ms(dir.path()));
+        let mut lead = logged("A", 3);
+        lead.next_retry_ms = Some(100);
         store
-            .write(WriteOp::Append(
-                Arc::new(lead.clone()),
-                lead.auction_log.len() - 3,
-            ))
+            .insert_lead(Arc::new(lead.clone()), None)
             .await
             .unwrap();
+        applied(&store).await;
+        // The applier is held, so the appends stay in the overlay, built on redb's log.
+        let (held_tx, held_rx) = std_mpsc::channel();
+        let (release_tx, release_rx) = std_mpsc::channel::<()>();
+        let holder = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _state = store.queue.lock();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv_timeout(Duration::from_secs(30));
+            })
+        };
+        held_rx.recv().unwrap();
+        for round in 0..3 {
+            let stored = lead.auction_log.len();
+            let added: Vec<AuctionEvent> = (0..2).map(|i| event(10 + round * 2 + i)).collect();
+            lead.next_retry_ms = Some(200 + round as i64);
+            store
+                .append_lead(added_to(&lead, &added), stored)
+                .await
+                .unwrap();
+            lead.auction_log.extend(added);
+            assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        }
+        assert!(!in_table(&store, "A") || head_row(&store, "A").auction_log.len() == 3);
         assert!(matches!(
             &store.overlay().leads["A"].1.op,
-            WriteOp::Update(_)
+            WriteOp::Appended(a) if a.chain.as_ref().is_some_and(|c| c.whole.is_none() && c.base == 3 && c.carried.len() == 4)
         ));
+        assert_eq!(
+            store.get_lead_for_reauction("A").await.unwrap(),
+            Some((lead.head(), 9))
+        );
+        assert_eq!(
+            store.pending_due("acme-auto", 1_000, 10).await.unwrap(),
+            vec![lead.clone()]
+        );
+        // The last round again (a repeat): not added twice; events said to go after 4 go
+        // after the stored 9.
+        let last = lead.auction_log[7..].to_vec();
+        store.append_lead(added_to(&lead, &last), 7).await.unwrap();
+        assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        store
+            .append_lead(added_to(&lead, &[event(90)]), 4)
+            .await
+            .unwrap();
+        lead.auction_log.push(event(90));
+        assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        applied(&store).await;
+        assert_eq!(store.get_lead("A").await.unwrap().as_ref(), Some(&lead));
+        assert_eq!(head_row(&store, "A").auction_log.len(), 3);
+        assert_eq!(tail_rows(&store, "A"), vec![3, 5, 7, 9]);
+        Arc::into_inner(store).unwrap().close().await.unwrap();
+        let store = applying_every_10ms(dir.path());
         assert_eq!(store.get_lead("A").await.unwrap(), Some(lead));
         store.close().await.unwrap();
     }
@@ -2329,15 +2554,29 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// `whole`'s first `inline` events as its record's and the events from `from` on as its
+    /// row, as the log holds an appended write.
+    fn appended(whole: &LeadRecord, inline: usize, from: usize) -> Appended {
+        Appended {
+            head: LeadRecord {
+                auction_log: whole.auction_log[..inline].to_vec(),
+                ..whole.head()
+            },
+            from: from as u32,
+            events: whole.auction_log[from..].to_vec(),
+            chain: None,
+        }
+    }
+
     #[tokio::test]
     async fn appended_writes_replayed_from_the_log_give_the_whole_log() {
         let dir = tempfile::tempdir().unwrap();
         let whole = |n| Arc::new(logged("C", n));
         let ops = vec![
             WriteOp::Insert(whole(2), None),
-            WriteOp::Appended(Arc::new(Appended::of(whole(5), 2, 2))),
-            WriteOp::Appended(Arc::new(Appended::of(whole(5), 2, 5))),
-            WriteOp::Appended(Arc::new(Appended::of(whole(9), 2, 5))),
+            WriteOp::Appended(Arc::new(appended(&whole(5), 2, 2))),
+            WriteOp::Appended(Arc::new(appended(&whole(5), 2, 5))),
+            WriteOp::Appended(Arc::new(appended(&whole(9), 2, 5))),
         ];
         // Read back from the log as a replay reads it: no whole record.
         for op in &ops {
@@ -2460,8 +2699,19 @@ mod tests {
         assert!(store.get_lead("A").await.is_err());
         assert_eq!(
             store.get_lead_for_reauction("A").await.unwrap(),
-            Some((lead.without_log(), 9))
+            Some((lead.clone().without_log(), 9))
         );
+        // Nor does a re-auction's write read the log: it is stored with a row unreadable.
+        store
+            .append_lead(added_to(&lead, &[event(20), event(21)]), 9)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_lead_for_reauction("A").await.unwrap(),
+            Some((lead.without_log(), 11))
+        );
+        applied(&store).await;
+        assert_eq!(tail_rows(&store, "A"), vec![2, 6, 9]);
         assert_eq!(store.get_lead_without_log("B").await.unwrap(), None);
         store.close().await.unwrap();
     }
