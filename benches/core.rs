@@ -230,12 +230,119 @@ fn storage_writes(c: &mut Criterion) {
     runtime.block_on(store.close()).expect("store closes");
 }
 
+/// One re-auction of a lead pending a day, auctioned every minute with five buyers (1,440
+/// auctions, 7,201 log events): what a re-auction reads under its lease (the record and the
+/// log's length), that read with its durable write of five more events, and the read of the
+/// whole lead, which a re-auction made before.
+fn storage_reauction(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::Builder::new()
+        .prefix("leadex-bench-store-")
+        .tempdir_in(std::env::temp_dir())
+        .expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open(dir.path(), 512).expect("store opens"));
+    let pings = |round: u64| -> Vec<AuctionEvent> {
+        (0..5)
+            .map(|b| AuctionEvent::Ping {
+                buyer: format!("buyer-{b}"),
+                outcome: if round.is_multiple_of(2) {
+                    "no_bid"
+                } else {
+                    "timeout"
+                }
+                .to_owned(),
+                bid_cents: None,
+                latency_us: 350 + round,
+            })
+            .collect()
+    };
+    let mut lead = record(0);
+    lead.status = LeadStatus::Pending;
+    lead.price_cents = 0;
+    lead.buyer_ids.clear();
+    lead.next_retry_ms = Some(1_795_000_060_000);
+    let added_to = |lead: &LeadRecord, events: Vec<AuctionEvent>| LeadRecord {
+        auction_log: events,
+        ..lead.head()
+    };
+    runtime.block_on(async {
+        store
+            .insert_lead(Arc::new(lead.clone()), None)
+            .await
+            .expect("stored");
+        for round in 1..1_440 {
+            let (_, stored) = store
+                .get_lead_for_reauction(&lead.lead_id)
+                .await
+                .expect("read")
+                .expect("stored");
+            store
+                .append_lead(added_to(&lead, pings(round)), stored)
+                .await
+                .expect("appended");
+        }
+    });
+    let mut group = c.benchmark_group("storage_embedded_reauction");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(6));
+    let mut round = 1_440u64;
+    group.bench_function("read_for_reauction_and_append_5", |b| {
+        b.to_async(&runtime).iter(|| {
+            round += 1;
+            let (store, lead, events) = (store.clone(), lead.clone(), pings(round));
+            async move {
+                let (head, stored) = store
+                    .get_lead_for_reauction(&lead.lead_id)
+                    .await
+                    .expect("read")
+                    .expect("stored");
+                store
+                    .append_lead(added_to(&head, events), stored)
+                    .await
+                    .expect("appended");
+            }
+        })
+    });
+    group.bench_function("read_for_reauction", |b| {
+        b.to_async(&runtime).iter(|| {
+            let (store, lead_id) = (store.clone(), lead.lead_id.clone());
+            async move {
+                store
+                    .get_lead_for_reauction(&lead_id)
+                    .await
+                    .expect("read")
+                    .expect("stored");
+            }
+        })
+    });
+    group.bench_function("read_whole_lead", |b| {
+        b.to_async(&runtime).iter(|| {
+            let (store, lead_id) = (store.clone(), lead.lead_id.clone());
+            async move {
+                let whole = store
+                    .get_lead(&lead_id)
+                    .await
+                    .expect("read")
+                    .expect("stored");
+                assert!(whole.auction_log.len() > 7_000);
+            }
+        })
+    });
+    group.finish();
+    runtime.block_on(store.close()).expect("store closes");
+}
+
 criterion_group!(
     benches,
     lead_parsing,
     buyer_bodies,
     auction_ranking,
     rate_limit_window,
-    storage_writes
+    storage_writes,
+    storage_reauction
 );
 criterion_main!(benches);
