@@ -1177,7 +1177,17 @@ fn scylla_storage_config_is_validated() {
 
 /// The standard test config with its `[storage]` pointed at the CQL server.
 fn scylla_app_config(server: &CqlServer, data: &Path, buyers: &str) -> String {
-    let text = config(data, "", buyers);
+    scylla_app_config_with(server, data, "", buyers)
+}
+
+/// As `scylla_app_config`, with `campaign_extra` lines in the campaign.
+fn scylla_app_config_with(
+    server: &CqlServer,
+    data: &Path,
+    campaign_extra: &str,
+    buyers: &str,
+) -> String {
+    let text = config(data, campaign_extra, buyers);
     let embedded = format!("backend = \"embedded\"\npath = \"{}\"", data.display());
     assert!(text.contains(&embedded));
     text.replace(
@@ -1252,6 +1262,82 @@ async fn a_lead_is_sold_and_read_back_through_the_api_on_scylla() {
         e,
         AuctionEvent::Post { buyer, outcome, .. } if buyer == "b" && outcome == "accepted"
     )));
+}
+
+#[actix_web::test]
+async fn a_pending_lead_is_re_auctioned_until_sold_on_scylla() {
+    let server = migrated_server().await;
+    let buyer = sim("none", 0);
+    let text = scylla_app_config_with(
+        &server,
+        &data_dir(),
+        "pending_ttl_secs = 60\nretry_interval_secs = 1",
+        &ping_buyer("late", &buyer, ""),
+    );
+    let app = TestApp::spawn(&text).await;
+    let (status, body) = app.post_lead(&lead()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("pending")),
+        "{body}"
+    );
+    let lead_id = body["lead_id"].as_str().unwrap().to_owned();
+    // Re-auctioned every second, nobody bidding: at least two more pings.
+    let started = Instant::now();
+    while buyer.stats.pings() < 3 && started.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(buyer.stats.pings() >= 3, "{} pings", buyer.stats.pings());
+    buyer.set_behaviour(leadex::sim::Behaviour {
+        bid: leadex::sim::BidSpec::parse("15").unwrap(),
+        ..leadex::sim::Behaviour::default()
+    });
+    let started = Instant::now();
+    let sold = loop {
+        let (status, read) = app.get_lead(KEY, &lead_id).await;
+        assert_eq!(status, 200, "{read}");
+        if read["status"] == "sold" || started.elapsed() > Duration::from_secs(15) {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sold["status"], "sold", "{sold}");
+    assert_eq!(sold["price"], json!(15.0));
+    let pings = buyer.stats.pings();
+    app.stop().await;
+
+    // Every auction's events are in the stored log, in order, each re-auction's written
+    // after the ones before it (only its own rows), and the lead has left the queue.
+    let mut storage = scylla_storage(vec![server.node()], "leadex_test", &data_dir());
+    storage.await_schema_agreement = false;
+    let store = ScyllaStore::open(&storage).await.unwrap();
+    let stored = store.get_lead(&lead_id).await.unwrap().expect("stored");
+    assert_eq!(
+        (stored.status, stored.price_cents),
+        (LeadStatus::Sold, 1500)
+    );
+    let logged_pings = stored
+        .auction_log
+        .iter()
+        .filter(|e| matches!(e, AuctionEvent::Ping { buyer, .. } if buyer == "late"))
+        .count();
+    assert_eq!(logged_pings as u64, pings, "{:?}", stored.auction_log);
+    assert!(matches!(
+        stored.auction_log.last(),
+        Some(AuctionEvent::Post { buyer, outcome, .. }) if buyer == "late" && outcome == "accepted"
+    ));
+    assert_eq!(
+        store.get_lead_for_reauction(&lead_id).await.unwrap(),
+        Some((stored.head(), stored.auction_log.len()))
+    );
+    let campaign = stored.campaign_id.clone();
+    assert_eq!(
+        store
+            .pending_due_ids_after(&campaign, i64::MAX / 2, None, 10)
+            .await
+            .unwrap(),
+        vec![]
+    );
 }
 
 #[actix_web::test]
