@@ -65,15 +65,20 @@ impl MemoryLimiter {
                 .retain(|_, (log, window)| log.back().is_some_and(|t| *t > now - *window));
             shard.sweep_at = (shard.logs.len() * 2).max(SWEEP_AT);
         }
-        if !count && !shard.logs.contains_key(key) {
-            return decide(&mut VecDeque::new(), now, limit, false);
-        }
-        let entry = shard
-            .logs
-            .entry(key.to_owned())
-            .or_insert_with(|| (VecDeque::new(), limit.window_ms));
-        entry.1 = limit.window_ms;
-        decide(&mut entry.0, now, limit, count)
+        let mut decision = if !count && !shard.logs.contains_key(key) {
+            decide(&mut VecDeque::new(), now, limit, false)
+        } else {
+            let entry = shard
+                .logs
+                .entry(key.to_owned())
+                .or_insert_with(|| (VecDeque::new(), limit.window_ms));
+            entry.1 = limit.window_ms;
+            decide(&mut entry.0, now, limit, count)
+        };
+        drop(shard);
+        // The window is the clock's; the reset, a Unix time, is the wall clock's.
+        decision.reset_at_ms += self.clock.wall_step_ms();
+        decision
     }
 }
 
@@ -99,6 +104,8 @@ impl RateLimiter for MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
@@ -123,6 +130,36 @@ mod tests {
             limiter.acquire("other", limit).await.allowed,
             "keys never share a window"
         );
+    }
+
+    #[tokio::test]
+    async fn a_step_of_the_wall_clock_moves_the_reset_not_the_window() {
+        let step = Arc::new(AtomicI64::new(0));
+        let wall = {
+            let step = step.clone();
+            Arc::new(move || crate::clock::now_ms() + step.load(Ordering::Relaxed))
+        };
+        let limiter = MemoryLimiter::new(Clock::with_wall(wall));
+        let limit = Limit::per_secs(2, 60);
+        let first = limiter.acquire("k", limit).await;
+        let reset = first.reset_at_ms;
+        assert!(
+            (reset - (crate::clock::now_ms() + 60_000)).abs() < 1_000,
+            "{first:?}"
+        );
+        // Set 5 s ahead (as NTP may at a start): the reset follows it, the count does not.
+        step.store(5_000, Ordering::Relaxed);
+        let second = limiter.acquire("k", limit).await;
+        assert!(
+            (second.reset_at_ms - (reset + 5_000)).abs() < 100,
+            "{second:?}"
+        );
+        assert_eq!(second.remaining, 0);
+        assert!(!limiter.peek("k", limit).await.allowed);
+        // Under a second apart is the clocks' reading, not a step.
+        step.store(400, Ordering::Relaxed);
+        let peeked = limiter.peek("k", limit).await;
+        assert!((peeked.reset_at_ms - reset).abs() < 100, "{peeked:?}");
     }
 
     #[tokio::test(start_paused = true)]
