@@ -182,10 +182,13 @@ fn record(n: u64) -> LeadRecord {
     }
 }
 
-/// Durable writes (fsync'd commits) to a store in a temporary folder on the data disk; each
-/// iteration is `writers` leads written at once and awaited, so with 64 writers the writer
-/// thread groups them into few commits.
-fn storage_writes(c: &mut Criterion) {
+/// A runtime of two threads and a store in a temporary folder on the data disk (kept while
+/// the folder's handle lives).
+fn bench_store() -> (
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    Arc<EmbeddedStore>,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -196,6 +199,14 @@ fn storage_writes(c: &mut Criterion) {
         .tempdir_in(std::env::temp_dir())
         .expect("tempdir");
     let store = Arc::new(EmbeddedStore::open(dir.path(), 512).expect("store opens"));
+    (runtime, dir, store)
+}
+
+/// Durable writes (fsync'd commits) to a store in a temporary folder on the data disk; each
+/// iteration is `writers` leads written at once and awaited, so with 64 writers the writer
+/// thread groups them into few commits.
+fn storage_writes(c: &mut Criterion) {
+    let (runtime, _dir, store) = bench_store();
     let template = record(0);
     let mut next = 0u64;
     let mut group = c.benchmark_group("storage_embedded_insert");
@@ -235,16 +246,7 @@ fn storage_writes(c: &mut Criterion) {
 /// log's length), that read with its durable write of five more events, and the read of the
 /// whole lead, which a re-auction made before.
 fn storage_reauction(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::Builder::new()
-        .prefix("leadex-bench-store-")
-        .tempdir_in(std::env::temp_dir())
-        .expect("tempdir");
-    let store = Arc::new(EmbeddedStore::open(dir.path(), 512).expect("store opens"));
+    let (runtime, _dir, store) = bench_store();
     let pings = |round: u64| -> Vec<AuctionEvent> {
         (0..5)
             .map(|b| AuctionEvent::Ping {

@@ -2276,12 +2276,11 @@ mod tests {
         .unwrap();
     }
 
-    #[tokio::test]
-    async fn a_write_is_answered_while_the_applier_holds_the_queue() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(applying_every_10ms(dir.path()));
-        // Another thread holds the queue's lock, as an applier at idle priority may while no
-        // core is free for it.
+    /// Has another thread hold the applier's queue lock (as an applier at idle priority may)
+    /// until the sender is used or dropped, or 30 s pass; returns once it holds it.
+    fn hold_queue(
+        store: &Arc<EmbeddedStore>,
+    ) -> (std_mpsc::Sender<()>, std::thread::JoinHandle<()>) {
         let (held_tx, held_rx) = std_mpsc::channel();
         let (release_tx, release_rx) = std_mpsc::channel::<()>();
         let holder = {
@@ -2293,6 +2292,16 @@ mod tests {
             })
         };
         held_rx.recv().unwrap();
+        (release_tx, holder)
+    }
+
+    #[tokio::test]
+    async fn a_write_is_answered_while_the_applier_holds_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(applying_every_10ms(dir.path()));
+        // Another thread holds the queue's lock, as an applier at idle priority may while no
+        // core is free for it.
+        let (release_tx, holder) = hold_queue(&store);
         tokio::time::timeout(
             Duration::from_secs(10),
             store.insert_lead(Arc::new(pending("A", Some(100))), None),
@@ -2441,17 +2450,7 @@ mod tests {
             .unwrap();
         applied(&store).await;
         // The applier is held, so the appends stay in the overlay, built on redb's log.
-        let (held_tx, held_rx) = std_mpsc::channel();
-        let (release_tx, release_rx) = std_mpsc::channel::<()>();
-        let holder = {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let _state = store.queue.lock();
-                held_tx.send(()).unwrap();
-                let _ = release_rx.recv_timeout(Duration::from_secs(30));
-            })
-        };
-        held_rx.recv().unwrap();
+        let (release_tx, holder) = hold_queue(&store);
         for round in 0..3 {
             let stored = lead.auction_log.len();
             let added: Vec<AuctionEvent> = (0..2).map(|i| event(10 + round * 2 + i)).collect();
@@ -2652,6 +2651,18 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// Writes `LOG_TAIL` rows of `lead_id` straight into redb, behind the store.
+    fn put_tail_rows(store: &EmbeddedStore, lead_id: &str, rows: &[(u32, &[u8])]) {
+        let txn = store.db().unwrap().begin_write().unwrap();
+        {
+            let mut tails = txn.open_table(LOG_TAIL).unwrap();
+            for (offset, bytes) in rows {
+                tails.insert((lead_id, *offset), *bytes).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
     #[tokio::test]
     async fn a_lead_read_without_its_log_reads_no_log_rows() {
         let dir = tempfile::tempdir().unwrap();
@@ -2670,32 +2681,15 @@ mod tests {
             Some(lead.clone().without_log())
         );
         applied(&store).await;
-        {
-            let txn = store.db().unwrap().begin_write().unwrap();
-            txn.open_table(LOG_TAIL)
-                .unwrap()
-                .insert(("A", 2), b"not events".as_slice())
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        put_tail_rows(&store, "A", &[(2, b"not events")]);
         assert!(store.get_lead("A").await.is_err());
         assert_eq!(
             store.get_lead_without_log("A").await.unwrap(),
             Some(lead.clone().without_log())
         );
         // A re-auction's read parses the last log row only for its length.
-        {
-            let txn = store.db().unwrap().begin_write().unwrap();
-            txn.open_table(LOG_TAIL)
-                .unwrap()
-                .insert(("A", 2), serde_json::to_vec(&added).unwrap().as_slice())
-                .unwrap();
-            txn.open_table(LOG_TAIL)
-                .unwrap()
-                .insert(("A", 6), b"[1, 2, 3]".as_slice())
-                .unwrap();
-            txn.commit().unwrap();
-        }
+        let events = serde_json::to_vec(&added).unwrap();
+        put_tail_rows(&store, "A", &[(2, &events), (6, b"[1, 2, 3]")]);
         assert!(store.get_lead("A").await.is_err());
         assert_eq!(
             store.get_lead_for_reauction("A").await.unwrap(),
