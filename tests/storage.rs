@@ -1715,5 +1715,18 @@ fn compose_node_configs_are_valid_leadex_configs() {
                 .as_deref()
                 .is_some_and(|u| u.starts_with("http://buyer-sim-"))
         }));
+        // X-Forwarded-For is believed from the load balancer alone: its pinned address,
+        // inside the network's fixed subnet.
+        let compose = compose();
+        let lb = compose["services"]["lb"]["networks"]["default"]["ipv4_address"]
+            .as_str()
+            .expect("the load balancer's address is pinned");
+        assert_eq!(config.server.trusted_proxies, vec![lb.to_owned()], "{node}");
+        let subnet: ipnet::Ipv4Net = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+            .as_str()
+            .expect("a fixed subnet")
+            .parse()
+            .unwrap();
+        assert!(subnet.contains(&lb.parse::<std::net::Ipv4Addr>().unwrap()));
     }
 }
