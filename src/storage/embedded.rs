@@ -804,21 +804,10 @@ impl Writer {
             if !batch.is_empty() {
                 let started = Instant::now();
                 let size = batch.len();
+                let (mut ops, mut waiters): (Vec<WriteOp>, Vec<_>) =
+                    batch.drain(..).map(|job| (job.op, job.done)).unzip();
                 // A re-auction's write whose lead cannot be read fails alone.
-                let mut ops = Vec::with_capacity(size);
-                let mut waiters = Vec::with_capacity(size);
-                for (op, done) in self.resolve(batch.drain(..).map(|job| (job.op, job.done))) {
-                    match op {
-                        Ok(op) => {
-                            ops.push(op);
-                            waiters.push(done);
-                        }
-                        Err(e) => {
-                            metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
-                            let _ = done.send(Err(e));
-                        }
-                    }
-                }
+                self.resolve(&mut ops, &mut waiters);
                 let (failed, logged) = match self.commit_group(ops) {
                     Ok(logged) => (None, logged),
                     Err(e) => (Some(e.to_string()), None),
@@ -945,48 +934,40 @@ impl Writer {
     /// and a replay gives the same tables. The events go at the offset the re-auction read
     /// when the stored log is that long, and again there when they are what is stored from it
     /// (a repeat); else after the stored log, so none is lost.
-    fn resolve<T>(
+    fn resolve(
         &self,
-        ops: impl Iterator<Item = (WriteOp, T)>,
-    ) -> Vec<(Result<WriteOp, StorageError>, T)> {
-        let ops: Vec<(WriteOp, T)> = ops.collect();
-        if !ops.iter().any(|(op, _)| matches!(op, WriteOp::Append(..))) {
-            return ops.into_iter().map(|(op, t)| (Ok(op), t)).collect();
+        ops: &mut Vec<WriteOp>,
+        waiters: &mut Vec<oneshot::Sender<Result<(), StorageError>>>,
+    ) {
+        if !ops.iter().any(|op| matches!(op, WriteOp::Append(..))) {
+            return;
         }
-        // Each lead's newest write in the group so far, by its place in `out`.
-        let mut newest: HashMap<String, usize> = HashMap::new();
-        let mut out: Vec<(Result<WriteOp, StorageError>, T)> = Vec::with_capacity(ops.len());
-        for (op, waiter) in ops {
-            let op = match op {
-                WriteOp::Append(record, from) => {
-                    let prior = match newest.get(&record.lead_id) {
-                        Some(&i) => match &out[i].0 {
-                            Ok(op) => Ok(Some(Prior::Write(op.clone()))),
-                            Err(_) => unreachable!("only written ops are the newest"),
-                        },
-                        None => self.prior(&record.lead_id, from, record.auction_log.len()),
-                    };
-                    match prior {
-                        Ok(None) => Ok(WriteOp::Update(record)),
-                        Ok(Some(prior)) => {
-                            Ok(WriteOp::Appended(Arc::new(prior.then(&record, from))))
-                        }
-                        Err(e) => {
-                            tracing::error!(lead_id = %record.lead_id, error = %e, "stored lead unreadable; the re-auction's outcome is not stored");
-                            Err(e)
-                        }
+        // Each lead's newest write in the group so far.
+        let mut newest: HashMap<String, WriteOp> = HashMap::new();
+        let taken = std::mem::take(ops).into_iter().zip(std::mem::take(waiters));
+        for (mut op, done) in taken {
+            if let WriteOp::Append(record, from) = &op {
+                let prior = match newest.get(&record.lead_id) {
+                    Some(op) => Ok(Some(Prior::Write(op.clone()))),
+                    None => self.prior(&record.lead_id, *from, record.auction_log.len()),
+                };
+                op = match prior {
+                    Ok(None) => WriteOp::Update(record.clone()),
+                    Ok(Some(prior)) => WriteOp::Appended(Arc::new(prior.then(record, *from))),
+                    Err(e) => {
+                        tracing::error!(lead_id = %record.lead_id, error = %e, "stored lead unreadable; the re-auction's outcome is not stored");
+                        metrics::counter!(telemetry::STORAGE_ERRORS_TOTAL).increment(1);
+                        let _ = done.send(Err(e));
+                        continue;
                     }
-                }
-                op => Ok(op),
-            };
-            if let Ok(op) = &op
-                && let Some(lead_id) = op.lead_id()
-            {
-                newest.insert(lead_id.to_owned(), out.len());
+                };
             }
-            out.push((op, waiter));
+            if let Some(lead_id) = op.lead_id() {
+                newest.insert(lead_id.to_owned(), op.clone());
+            }
+            ops.push(op);
+            waiters.push(done);
         }
-        out
     }
 
     /// The newest stored version of a lead, for an append of `added` events at `from`; `None`
